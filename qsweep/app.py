@@ -1,0 +1,158 @@
+"""The single-run pipeline: build -> quantize -> evaluate -> export -> score -> record."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import qsweep
+from qsweep.config import validate
+from qsweep.data import build_data, calibration_batches, eval_loader
+from qsweep.evaluate import cached_fp_eval, evaluate, model_fingerprint
+from qsweep.export import artifact_form, export_program, load_program, state_dict_size_mb
+from qsweep.models import build_model
+from qsweep.models.cache import cache_dir as resolve_cache_dir
+from qsweep.quant.calibrate import QuantizeTimings, quantize
+from qsweep.report import average_weight_bits, format_table, layer_table, write_csv
+from qsweep.score import compute_score
+from qsweep.tracking import Recorder, flatten, git_commit
+
+PROJECT_DIR = Path.cwd()
+
+
+class ArtifactMismatch(RuntimeError):
+    """The exported artifact does not reproduce the in-process accuracy."""
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    output_dir: Path
+    recorder: Recorder | None
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Run one quantization job; returns the result dict also written to ``result.json``.
+
+    The config is validated before anything is built. A failure after the MLflow run started
+    marks that run FAILED with the reason, then re-raises.
+    """
+    cfg = validate(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recorder = None
+    if cfg.tracking.enabled:
+        recorder = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, PROJECT_DIR)
+        recorder.start(cfg.tracking.run_name or f"{cfg.experiment}:{cfg.model.name}:{cfg.quant.name}", {
+            "model": cfg.model.name, "data": cfg.data.name, "experiment": cfg.experiment,
+            "recipe": cfg.quant.name, "git_commit": git_commit(PROJECT_DIR), "qsweep_version": qsweep.__version__,
+        })
+        recorder.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    try:
+        result = _pipeline(RunContext(cfg, output_dir, recorder))
+    except BaseException as exc:
+        if recorder is not None:
+            recorder.finish(error=f"{type(exc).__name__}: {exc}")
+        raise
+    if recorder is not None:
+        recorder.finish()
+    return result
+
+
+def _pipeline(ctx: RunContext) -> dict[str, Any]:
+    cfg, out, rec = ctx.cfg, ctx.output_dir, ctx.recorder
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    cache = resolve_cache_dir(cfg.cache_dir)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    bundle = build_data(cfg.data)
+    model, weights = build_model(cfg.model, bundle, cache, progress=cfg.progress)
+    if rec is not None:
+        rec.set_tags({"weights": weights})
+    model = model.to(device).eval()
+    loader = eval_loader(bundle, cfg.data)
+    fp_size_mb = state_dict_size_mb(model)
+    fp_key = f"{model_fingerprint(model)}-{bundle.fingerprint}-{cfg.data.max_eval_images}"
+    fp, _ = cached_fp_eval(model, loader, bundle.num_classes, cache, fp_key, device, cfg.progress)
+
+    timings = QuantizeTimings()
+    qmodel = quantize(model, cfg.quant, calibration_batches(bundle, cfg.quant.calib),
+                      progress=cfg.progress, timings=timings)
+    q = evaluate(qmodel, loader, bundle.num_classes, device, cfg.progress, desc="evaluate quantized")
+
+    rows = layer_table(qmodel)
+    artifact = None
+    if cfg.export.enabled:
+        example = next(iter(loader))[0]
+        artifact = export_program(qmodel, example, out / cfg.export.filename)
+        loaded = load_program(artifact)
+        size_mb = state_dict_size_mb(loaded)
+        check = evaluate(loaded, loader, bundle.num_classes, "cpu", cfg.progress, desc="evaluate artifact")
+    else:
+        size_mb, check = state_dict_size_mb(artifact_form(qmodel)), None
+
+    score = compute_score(cfg.score.name, size_mb, q.top1, fp_size_mb, fp.top1,
+                          cfg.score.ref_size_mb, cfg.score.ref_acc)
+    metrics = {
+        "top1": q.top1, "top5": q.top5, "fp_top1": fp.top1, "fp_top5": fp.top5, "delta_top1": q.top1 - fp.top1,
+        "size_mb": size_mb, "fp32_size_mb": fp_size_mb, "compression": fp_size_mb / size_mb,
+        "avg_weight_bits": average_weight_bits(rows), "score": score,
+        "calibration_s": timings.calibrate_s, "quantization_s": timings.quantize_s, "eval_s": q.seconds,
+        "eval_images": q.images, "peak_rss_mb": peak_rss_mb(),
+    }
+    if check is not None:
+        metrics["artifact_top1"] = check.top1
+    if device.type == "cuda":
+        metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    table_path = write_csv(rows, out / "layers.csv")
+    result = {**metrics, "artifact": str(artifact) if artifact else None, "weights": weights,
+              "mlflow_run_id": rec.run_id if rec else None, "mlflow_uri": rec.uri if rec else None,
+              "output_dir": str(out)}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    if rec is not None:
+        rec.log_metrics(metrics)
+        for path in (out / "config.yaml", table_path, out / "result.json"):
+            rec.log_artifact(path)
+        if artifact is not None and cfg.tracking.log_model:
+            rec.log_artifact(artifact, "model")
+    _print_summary(cfg, result, weights)
+    if check is not None and check.top1 != q.top1:
+        raise ArtifactMismatch(f"exported artifact {artifact} scores top-1 {check.top1:.4f} % but the "
+                               f"in-process model scored {q.top1:.4f} %")
+    return result
+
+
+def _print_summary(cfg: DictConfig, r: dict[str, Any], weights: str) -> None:
+    rows = [
+        ("model", f"{cfg.model.name} ({weights})"), ("data", cfg.data.name), ("recipe", cfg.quant.name),
+        ("top-1", f"{r['top1']:.2f} %  (FP32 {r['fp_top1']:.2f} %, delta {r['delta_top1']:+.2f})"),
+        ("top-5", f"{r['top5']:.2f} %"),
+        ("size", f"{r['size_mb']:.4f} MB  (FP32 {r['fp32_size_mb']:.4f} MB, {r['compression']:.2f}x)"),
+        ("avg weight bits", f"{r['avg_weight_bits']:.2f}"),
+        (f"score ({cfg.score.name})", f"{r['score']:g}"),
+        ("artifact", str(r["artifact"])), ("result", str(Path(r["output_dir"]) / "result.json")),
+    ]
+    if r["mlflow_run_id"]:
+        rows.append(("mlflow", f"run {r['mlflow_run_id']} at {r['mlflow_uri']}"))
+    print("\nqsweep result\n" + format_table(rows), flush=True)

@@ -1,0 +1,230 @@
+"""Structured configs and their validation.
+
+Hydra composes YAML from ``conf/``; :func:`validate` merges it onto these dataclasses (so an
+unknown key or a wrongly typed value fails) and then checks every value range, before any
+model or dataset is touched. Errors name the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qsweep.errors import QsweepError
+
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl", "sigma", "iqr")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_BITS = (2, 8)
+ACT_BITS = (4, 16)
+LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "w_granularity", "group_size")
+SCORES = ("lab4", "relative")
+WEIGHT_SOURCES = ("auto", "random", "pretrained")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(QsweepError):
+    """A configuration value is not allowed. The message names the key, value and choices."""
+
+
+@dataclass
+class TensorQuantConfig:
+    """How one tensor kind (weights or input activations) is put on an integer grid."""
+
+    bits: Optional[int] = 8  # None: leave in float (activations only)
+    symmetric: bool = True
+    granularity: str = "per_tensor"
+    group_size: int = 128  # per_group only: input features per scale
+    observer: str = "minmax"
+    momentum: float = 0.95  # moving_average
+    p: float = 99.99  # percentile: keep [100 - p, p]
+    n: float = 3.0  # sigma: mean +- n * std
+    k: float = 1.5  # iqr: [q1 - k * iqr, q3 + k * iqr]
+    scale_dtype: str = "float32"  # storage of scales in the exported artifact
+
+
+@dataclass
+class CalibConfig:
+    num_images: int = 256
+    batch_size: int = 64
+    class_balanced: bool = True
+    seed: int = 0
+
+
+@dataclass
+class QuantConfig:
+    name: str = "w4a8"
+    weight: TensorQuantConfig = field(
+        default_factory=lambda: TensorQuantConfig(bits=4, symmetric=True, granularity="per_channel")
+    )
+    act: TensorQuantConfig = field(
+        default_factory=lambda: TensorQuantConfig(bits=8, symmetric=False, granularity="per_tensor")
+    )
+    skip: list[str] = field(default_factory=list)  # globs of module names left in float
+    layers: dict[str, Any] = field(default_factory=dict)  # {glob: {w_bits, a_bits, ...}}
+    fold_bn: bool = True
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_vit"  # "digits_vit" (embedded) or any timm model name
+    weights: str = "auto"  # auto: checkpoint, else embedded training; random; pretrained
+    checkpoint: Optional[str] = None
+    trust_checkpoint: bool = False  # allow unpickling a whole module (runs code!)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None
+    download: bool = False
+    seed: int = 0
+    test_fraction: float = 0.25
+    eval_batch_size: int = 256
+    max_eval_images: Optional[int] = None  # evaluate on the first N test images only
+
+
+@dataclass
+class ScoreConfig:
+    name: str = "relative"
+    # The lab's reference point (DeiT-S on CIFAR-100); `relative` rescales to the model's FP32.
+    ref_size_mb: float = 86.9
+    ref_acc: float = 90.99
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "qsweep"
+    run_name: Optional[str] = None
+    log_model: bool = True
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    filename: str = "quantized.pt2"
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    experiment: str = "default"
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: Optional[str] = None  # None: $QSWEEP_CACHE or ~/.cache/qsweep
+    progress: bool = True
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}{hint}")
+
+
+def _in_range(key: str, value: Any, lo: float, hi: float, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ConfigError(f"{key}={value!r} is not allowed; {what or f'must be in [{lo}, {hi}]'}")
+
+
+def _bits(key: str, value: Any, bounds: tuple[int, int], allow_float: bool) -> None:
+    if value is None and allow_float:
+        return
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        extra = " or null (float)" if allow_float else ""
+        raise ConfigError(f"{key}={value!r} is not allowed; bits must be an integer in {lo}..{hi}{extra}")
+
+
+def validate_tensor(prefix: str, t: TensorQuantConfig | DictConfig, is_weight: bool) -> None:
+    _bits(f"{prefix}.bits", t.bits, WEIGHT_BITS if is_weight else ACT_BITS, allow_float=not is_weight)
+    _choice(f"{prefix}.granularity", t.granularity, WEIGHT_GRANULARITIES if is_weight else ACT_GRANULARITIES)
+    _choice(f"{prefix}.observer", t.observer, OBSERVERS)
+    _choice(f"{prefix}.scale_dtype", t.scale_dtype, SCALE_DTYPES)
+    if t.granularity == "per_group":
+        _in_range(f"{prefix}.group_size", t.group_size, 1, 1 << 20, "group_size must be a positive integer")
+    _in_range(f"{prefix}.momentum", t.momentum, 0.0, 1.0, "momentum must be in [0, 1)")
+    if t.momentum >= 1.0:
+        raise ConfigError(f"{prefix}.momentum={t.momentum!r} is not allowed; momentum must be in [0, 1)")
+    _in_range(f"{prefix}.p", t.p, 50.0, 100.0, "the percentile p must be in [50, 100]")
+    _in_range(f"{prefix}.n", t.n, 1e-6, 1e3, "sigma n must be > 0")
+    _in_range(f"{prefix}.k", t.k, 0.0, 1e3, "iqr k must be >= 0")
+    if t.granularity == "per_token" and t.observer != "minmax":
+        raise ConfigError(
+            f"{prefix}.observer={t.observer!r} is not allowed with granularity=per_token: "
+            "per-token ranges are computed on the fly from each token's min/max; use observer=minmax"
+        )
+
+
+def validate_layer_overrides(layers: Any) -> None:
+    for pattern, override in (layers or {}).items():
+        if not isinstance(override, (dict, DictConfig)):
+            raise ConfigError(
+                f"quant.layers.{pattern}={override!r} is not allowed; give a mapping with keys {list(LAYER_OVERRIDE_KEYS)}"
+            )
+        for key, value in override.items():
+            _choice(f"quant.layers.{pattern} key", key, LAYER_OVERRIDE_KEYS)
+            full = f"quant.layers.{pattern}.{key}"
+            if key == "w_bits":
+                _bits(full, value, WEIGHT_BITS, allow_float=True)
+            elif key == "a_bits":
+                _bits(full, value, ACT_BITS, allow_float=True)
+            elif key == "w_granularity":
+                _choice(full, value, WEIGHT_GRANULARITIES)
+            elif key == "group_size":
+                _in_range(full, value, 1, 1 << 20, "group_size must be a positive integer")
+
+
+def validate_quant(q: QuantConfig | DictConfig) -> None:
+    validate_tensor("quant.weight", q.weight, is_weight=True)
+    validate_tensor("quant.act", q.act, is_weight=False)
+    validate_layer_overrides(q.layers)
+    _in_range("quant.calib.num_images", q.calib.num_images, 1, 10**7, "need at least 1 calibration image")
+    _in_range("quant.calib.batch_size", q.calib.batch_size, 1, 10**5, "batch_size must be >= 1")
+
+
+def _structured(schema: type, cfg: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid config at {where}{'.' if where else ''}{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+
+
+def quant_recipe(recipe: Any) -> DictConfig:
+    """A validated ``conf/quant``-shaped recipe from a dict, DictConfig or QuantConfig."""
+    if isinstance(recipe, QuantConfig):
+        recipe = OmegaConf.structured(recipe)
+    cfg = _structured(QuantConfig, recipe if recipe is not None else {}, "quant")
+    validate_quant(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """The composed run config checked against :class:`RootConfig` (drops Hydra's own node)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    out = _structured(RootConfig, plain, "")
+    validate_quant(out.quant)
+    _choice("score.name", out.score.name, SCORES)
+    _choice("model.weights", out.model.weights, WEIGHT_SOURCES)
+    _choice("device", out.device, DEVICES)
+    _in_range("data.test_fraction", out.data.test_fraction, 0.01, 0.9)
+    _in_range("data.eval_batch_size", out.data.eval_batch_size, 1, 10**5, "must be >= 1")
+    if out.data.max_eval_images is not None:
+        _in_range("data.max_eval_images", out.data.max_eval_images, 1, 10**9, "must be >= 1")
+    return out

@@ -1,0 +1,64 @@
+"""Top-1 / top-5 accuracy with torchmetrics, and the FP32 accuracy cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent
+    images: int
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str | torch.device = "cpu",
+             progress: bool = False, desc: str = "evaluate") -> EvalResult:
+    """Micro-averaged top-1/top-5 accuracy (what people report as accuracy) over ``loader``."""
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    images = 0
+    start = time.perf_counter()
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        top1.update(logits, y)
+        top5.update(logits, y)
+        images += len(y)
+    seconds = time.perf_counter() - start
+    return EvalResult(100.0 * top1.compute().item(), 100.0 * top5.compute().item(), images, seconds)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class and every state-dict tensor: same weights, same fingerprint."""
+    digest = hashlib.sha1(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_fp_eval(model: nn.Module, loader: DataLoader, num_classes: int, cache_dir: Path, key: str,
+                   device: str | torch.device = "cpu", progress: bool = False) -> tuple[EvalResult, bool]:
+    """The float model's accuracy, computed once per model+data ``key``; returns (result, from_cache)."""
+    path = Path(cache_dir) / "fp_eval" / f"{key}.json"
+    if path.exists():
+        return EvalResult(**json.loads(path.read_text())), True
+    result = evaluate(model, loader, num_classes, device, progress, desc="evaluate FP32")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    tmp.replace(path)
+    return result, False

@@ -1,0 +1,62 @@
+"""Export a quantized model as a ``torch.export`` program with bit-packed weights, and measure it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from qsweep.quant.calibrate import quant_layers
+from qsweep.quant.packed import PackedWeight
+
+
+def artifact_form(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` whose quantized weights live in packed integer buffers.
+
+    Every tensor the forward reads is a persistent parameter or buffer, so the grader's size
+    (``torch.save(state_dict)``) counts all of it: nothing hides as an exported constant.
+    """
+    model = copy.deepcopy(qmodel).cpu().eval()
+    for layer in quant_layers(model).values():
+        weight = layer.weight
+        del layer._buffers["weight"]
+        if layer.qweight is not None:
+            layer.packed = PackedWeight(layer.qweight)
+            layer.qweight = None
+        else:
+            layer.register_buffer("weight", weight)  # float weight: persistent, counted
+    return model
+
+
+def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = artifact_form(qmodel)
+    # Two examples: a batch of 1 would let export specialize the batch dimension to a constant.
+    example = example[:1].cpu().expand(2, *example.shape[1:]).contiguous()
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def load_program(path: str | Path) -> nn.Module:
+    """Load an artifact exactly as the lab grader does."""
+    return torch.export.load(str(path)).module()
+
+
+def state_dict_size_mb(module: nn.Module) -> float:
+    """The grader's size: bytes / 1e6 of ``torch.save(module.state_dict())`` written to a file."""
+    fd, tmp = tempfile.mkstemp(suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(module.state_dict(), tmp)
+        return os.path.getsize(tmp) / 1e6
+    finally:
+        os.unlink(tmp)

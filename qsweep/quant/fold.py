@@ -1,0 +1,72 @@
+"""Fold BatchNorm into the convolution that feeds it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def _conv_bn_pairs(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, str]]:
+    """(conv, bn) names where a BatchNorm2d's input is exactly a Conv2d's output.
+
+    Found by following tensors through one forward pass with hooks, so it works on models
+    that torch.fx cannot trace and needs no knowledge of their module layout.
+    """
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: list[tuple[str, str]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            def keep(mod, inp, out, name=name):
+                produced[id(out)] = (name, out)  # the tensor is held so its id is not reused
+            handles.append(module.register_forward_hook(keep))
+        elif isinstance(module, nn.BatchNorm2d):
+            def match(mod, inp, name=name):
+                hit = produced.get(id(inp[0]))
+                if hit is not None and hit[1] is inp[0]:
+                    pairs.append((hit[0], name))
+            handles.append(module.register_forward_pre_hook(match))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(pairs))
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, run: Callable[[], Any]) -> list[str]:
+    """Fold every eval-mode BatchNorm2d fed directly by a Conv2d into that conv; returns the BN names.
+
+    A plain BatchNorm2d becomes ``nn.Identity``; a subclass that also applies an activation
+    (timm's ``BatchNormAct2d``) keeps its activation and gets identity statistics.
+    """
+    folded = []
+    for conv_name, bn_name in _conv_bn_pairs(model, run):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if bn.training or not bn.track_running_stats or bn.num_features != conv.out_channels:
+            continue
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = beta + (bias - bn.running_mean) * factor
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias, requires_grad=False)
+        else:
+            conv.bias.copy_(new_bias)
+        if type(bn) is nn.BatchNorm2d:
+            model.set_submodule(bn_name, nn.Identity())
+        else:
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+            if bn.affine:
+                bn.weight.fill_(1.0)
+                bn.bias.zero_()
+        folded.append(bn_name)
+    return folded

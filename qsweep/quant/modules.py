@@ -1,0 +1,91 @@
+"""Quantized stand-ins for ``nn.Linear`` and ``nn.Conv2d`` (fake-quant forward).
+
+Each keeps its frozen integer state explicit (``qweight``: codes, scales, zero points; ``act``:
+input qparams) for the three readers: this forward, the exporter and an integer-kernel path.
+The dequantized weight is computed once and cached, so a forward costs one activation
+fake-quant plus the float op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsweep.quant.plan import LayerPlan
+from qsweep.quant.quantizer import ActQuantizer, QuantizedWeight, quantize_weight, sqnr_db
+
+
+class QuantLayer(nn.Module):
+    """Shared state of a quantized Linear / Conv2d; subclasses define the float op."""
+
+    feature_dim = -1
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, plan: LayerPlan):
+        super().__init__()
+        self.layer_name = plan.name
+        self.plan = plan
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.qweight: QuantizedWeight | None = None
+        if plan.weight is not None:
+            self.qweight = quantize_weight(layer.weight, plan.weight, plan.name)
+            weight = self.qweight.dequantize()
+            self.weight_sqnr_db = sqnr_db(layer.weight, weight)
+        else:
+            weight = layer.weight.detach().clone()
+            self.weight_sqnr_db = float("inf")
+        # Not persistent: the in-process model is not the artifact (see qsweep.export).
+        self.register_buffer("weight", weight, persistent=False)
+        self.packed: nn.Module | None = None  # set by the exporter: weight comes from packed codes
+        self.act = ActQuantizer(plan.act, self.feature_dim, plan.name) if plan.act is not None else None
+
+    @property
+    def w_bits(self) -> int:
+        return self.qweight.grid.bits if self.qweight is not None else 32
+
+    @property
+    def a_bits(self) -> int | None:
+        return self.act.grid.bits if self.act is not None else None
+
+    def set_qweight(self, qweight: QuantizedWeight) -> None:
+        """Replace the frozen weight (AdaRound / LSQ write their result through here)."""
+        self.qweight = qweight
+        self.weight = qweight.dequantize().to(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        return self.op(x, self.packed() if self.packed is not None else self.weight)
+
+    def op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.layer_name!r}, w_bits={self.w_bits}, a_bits={self.a_bits}, shape={tuple(self.weight.shape)}"
+
+
+class QuantLinear(QuantLayer):
+    def op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class QuantConv2d(QuantLayer):
+    feature_dim = 1
+
+    def __init__(self, layer: nn.Conv2d, plan: LayerPlan):
+        super().__init__(layer, plan)
+        if layer.padding_mode != "zeros":
+            raise NotImplementedError(f"{plan.name}: padding_mode={layer.padding_mode!r} is not supported")
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def quant_module_for(layer: nn.Module, plan: LayerPlan) -> QuantLayer:
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d(layer, plan)
+    if isinstance(layer, nn.Linear):
+        return QuantLinear(layer, plan)
+    raise TypeError(f"{plan.name}: cannot quantize {type(layer).__name__}")

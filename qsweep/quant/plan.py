@@ -1,0 +1,94 @@
+"""Resolve a recipe's globs, skips and per-layer overrides into a per-module plan."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, replace
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qsweep.config import ConfigError, TensorQuantConfig
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one module gets: a weight spec and an input-activation spec (None = float)."""
+
+    name: str
+    weight: TensorQuantConfig | None
+    act: TensorQuantConfig | None
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A glob matches a module and, like a path prefix, everything inside it (``blocks.9``)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def _unmatched(key: str, pattern: str, candidates: list[str], all_names: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(pattern, all_names, n=5, cutoff=0.4) or candidates[:5]
+    return ConfigError(
+        f"{key} pattern {pattern!r} matches no Linear/Conv2d module; closest module names: {close}"
+    )
+
+
+def _tensor_cfg(cfg: Any) -> TensorQuantConfig:
+    if isinstance(cfg, TensorQuantConfig):
+        return cfg
+    return TensorQuantConfig(**OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else TensorQuantConfig(**cfg)
+
+
+def _apply_override(weight: TensorQuantConfig | None, act: TensorQuantConfig | None, base_w: TensorQuantConfig,
+                    base_a: TensorQuantConfig, override: dict) -> tuple[TensorQuantConfig | None, TensorQuantConfig | None]:
+    if "w_bits" in override:
+        bits = override["w_bits"]
+        weight = None if bits is None else replace(weight or base_w, bits=bits)
+    if weight is not None and "w_granularity" in override:
+        weight = replace(weight, granularity=override["w_granularity"])
+    if weight is not None and "group_size" in override:
+        weight = replace(weight, group_size=override["group_size"])
+    if "a_bits" in override:
+        bits = override["a_bits"]
+        act = None if bits is None else replace(act or base_a, bits=bits)
+    return weight, act
+
+
+def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
+    """Map every quantizable module name to its :class:`LayerPlan`.
+
+    ``skip`` globs leave modules in float; ``layers`` overrides apply in the order written, a
+    later glob overriding an earlier one. A glob that matches nothing is an error, since a typo
+    there silently changes what is measured.
+    """
+    all_names = [n for n, _ in model.named_modules() if n]
+    candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if not candidates:
+        raise ConfigError("the model has no nn.Linear or nn.Conv2d module to quantize")
+    base_w = _tensor_cfg(recipe.weight)
+    base_a = _tensor_cfg(recipe.act)
+    skips = list(recipe.skip or [])
+    overrides = OmegaConf.to_container(recipe.layers, resolve=True) if isinstance(recipe.layers, DictConfig) else dict(recipe.layers or {})
+
+    for pattern in skips:
+        if not any(matches(n, pattern) for n in candidates):
+            raise _unmatched("quant.skip", pattern, candidates, all_names)
+    for pattern in overrides:
+        if not any(matches(n, pattern) for n in candidates):
+            raise _unmatched("quant.layers", pattern, candidates, all_names)
+
+    plan: dict[str, LayerPlan] = {}
+    for name in candidates:
+        if any(matches(name, p) for p in skips):
+            continue
+        weight: TensorQuantConfig | None = base_w
+        act: TensorQuantConfig | None = base_a if base_a.bits is not None else None
+        for pattern, override in overrides.items():
+            if matches(name, pattern):
+                weight, act = _apply_override(weight, act, base_w, base_a, override)
+        if weight is not None or act is not None:
+            plan[name] = LayerPlan(name=name, weight=weight, act=act)
+    return plan
