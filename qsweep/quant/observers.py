@@ -1,0 +1,346 @@
+"""Range estimators: tensors -> clipping ranges ``(lo, hi)`` that :func:`grid.qparams` turns into scales.
+
+Weights are handled row-wise on a 2-D view (one range per row: one row for per-tensor, one per
+output channel, one per group) by :func:`weight_range`. Activations stream through an
+:class:`ActivationObserver`, which keeps cheap exact statistics plus a bounded random subsample
+and applies the same row-wise estimators to that subsample once calibration ends.
+
+Every estimator returns ranges inside the data's ``[min, max]`` with ``lo <= hi``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qsweep.quant.grid import Grid, fake_quantize, qparams
+
+# Clipping ratios searched by the MSE observer: alpha = i / MSE_GRID_POINTS, i = 1..MSE_GRID_POINTS.
+MSE_GRID_POINTS = 100
+# Upper bound on elements of one [ratios, rows, cols] block of the MSE search.
+_MSE_BLOCK_ELEMENTS = 1 << 20
+# Histogram resolution of the KL (entropy) observer, as in TensorRT's calibrator.
+KL_BINS = 2048
+# Upper bound on elements of one [rows, candidates, chunks] block of the KL search.
+_KL_BLOCK_ELEMENTS = 1 << 22
+
+# Activation subsampling draws runs of this many adjacent values (one 64-byte cache line).
+_SAMPLE_RUN = 16
+
+_SAMPLED = ("percentile", "iqr", "mse", "kl")
+_KNOWN = ("minmax", "moving_average", "sigma") + _SAMPLED
+
+
+def _check_observer(name: str) -> None:
+    if name not in _KNOWN:
+        raise ValueError(f"unknown observer {name!r}; choose one of {list(_KNOWN)}")
+
+
+def _clip(lo: Tensor, hi: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersect ``[lo, hi]`` with ``[mn, mx]``, keeping ``lo <= hi`` despite float rounding."""
+    lo = torch.minimum(torch.maximum(lo, mn), mx)
+    hi = torch.maximum(torch.minimum(hi, mx), lo)
+    return lo, hi
+
+
+def _row_quantile(x: Tensor, q: float) -> Tensor:
+    """The ``q``-quantile (``q`` in [0, 1]) of each row with numpy's default "linear" interpolation.
+
+    Uses ``kthvalue`` (selection, no full sort) because ``torch.quantile`` rejects large inputs.
+    """
+    n = x.shape[1]
+    pos = (n - 1) * q
+    below = min(int(math.floor(pos)), n - 1)
+    frac = pos - below
+    v0 = torch.kthvalue(x, below + 1, dim=1).values
+    if frac == 0.0 or below + 1 >= n:
+        return v0
+    v1 = torch.kthvalue(x, below + 2, dim=1).values
+    return v0 + frac * (v1 - v0)
+
+
+def _percentile_range(x: Tensor, p: float, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    return _clip(_row_quantile(x, (100.0 - p) / 100.0), _row_quantile(x, p / 100.0), mn, mx)
+
+
+def _iqr_range(x: Tensor, k: float, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    q1, q3 = _row_quantile(x, 0.25), _row_quantile(x, 0.75)
+    spread = k * (q3 - q1)
+    return _clip(q1 - spread, q3 + spread, mn, mx)
+
+
+def _sigma_range(mean: Tensor, std: Tensor, n: float, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    return _clip(mean - n * std, mean + n * std, mn, mx)
+
+
+def _mse_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the ``[a * mn, a * mx]`` minimizing the squared fake-quantization error of ``x``.
+
+    Ratios are tried from 1 downwards and only a strictly smaller error replaces the incumbent,
+    so ties keep the wider range. Several ratios are evaluated per tensor op (bounded memory):
+    fewer, larger ops are faster, especially when threads compete for cores.
+    """
+    alphas = torch.arange(MSE_GRID_POINTS, 0, -1, device=x.device, dtype=torch.float32) / MSE_GRID_POINTS
+    per_op = max(1, _MSE_BLOCK_ELEMENTS // x.numel())
+    best_err = torch.full_like(mn, math.inf)
+    best_alpha = torch.ones_like(mn)
+    for a in alphas.split(per_op):
+        a = a[:, None]  # [A, 1] against rows
+        scale, zp = qparams(a * mn, a * mx, grid)
+        err = (fake_quantize(x, scale[..., None], zp[..., None], grid) - x).square_().sum(dim=2)  # [A, rows]
+        err, first = err.min(dim=0)  # first minimum: the largest ratio among ties
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_alpha = torch.where(better, a[first, 0], best_alpha)
+    return _clip(best_alpha * mn, best_alpha * mx, mn, mx)
+
+
+def _kl_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """TensorRT-style entropy calibration of a threshold ``T`` on ``|x|``, per row.
+
+    For each candidate ``T`` (the upper edge of histogram bin ``i - 1``, ``i >= n_q``) the
+    reference ``P`` is the first ``i`` bins of the ``|x|`` histogram with the clipped mass added
+    to the last one; ``Q`` merges those ``i`` bins into ``n_q`` near-equal chunks and spreads each
+    chunk's (unclipped) mass evenly over its bins where ``P`` is nonzero. ``KL(P || Q)`` is then a
+    closed form of per-chunk sums, so every candidate is scored from prefix sums of the histogram
+    in O(n_q) instead of O(bins). Candidates where ``Q`` is 0 but ``P`` is not score infinity (no
+    smoothing); ``i = bins`` never clips, so some candidate is always finite.
+    """
+    n_q = grid.levels // 2 if grid.symmetric else grid.levels
+    if n_q >= KL_BINS:
+        return mn, mx
+    rows = x.shape[0]
+    absmax = torch.maximum(-mn, mx)
+    inv_width = torch.where(absmax > 0, KL_BINS / absmax, torch.zeros_like(absmax))
+    bins = (x.abs() * inv_width[:, None]).long().clamp_(max=KL_BINS - 1)
+    bins += torch.arange(rows, device=x.device)[:, None] * KL_BINS
+    hist = torch.bincount(bins.reshape(-1), minlength=rows * KL_BINS).reshape(rows, KL_BINS).double()
+
+    def prefix(v: Tensor) -> Tensor:
+        return torch.nn.functional.pad(v.cumsum(dim=1), (1, 0))
+
+    cum_mass, cum_nonzero = prefix(hist), prefix((hist > 0).double())
+    cum_plogp = prefix(torch.xlogy(hist, hist))
+    total = cum_mass[:, -1:]
+    # The [rows, candidates, chunks] work is memory bound; counts below 2^24 are exact in float32.
+    work = torch.float32 if float(total.max()) <= 2**24 else torch.float64
+    cum_mass_w, cum_nonzero_w = cum_mass.to(work), cum_nonzero.to(work)
+    cand = torch.arange(n_q, KL_BINS + 1, device=x.device)
+    edges = (torch.arange(n_q + 1, device=x.device)[None, :] * cand[:, None]) // n_q  # [C, n_q + 1]
+    flat_edges = edges.reshape(-1)
+    last_bin = hist[:, cand - 1]
+    plogp_head = cum_plogp[:, cand - 1]  # sum of P log P over bins before the last kept one
+
+    best = torch.empty(rows, dtype=torch.long, device=x.device)
+    block = max(1, _KL_BLOCK_ELEMENTS // (cand.numel() * (n_q + 1)))
+    for r in range(0, rows, block):
+        sl = slice(r, r + block)
+        # Prefix sums at chunk boundaries, [R, C, n_q + 1] (index_select is far faster than [:, edges]).
+        at = cum_mass_w[sl].index_select(1, flat_edges).view(-1, *edges.shape)
+        nz_at = cum_nonzero_w[sl].index_select(1, flat_edges).view(-1, *edges.shape)
+        kept = cum_mass[sl][:, cand]  # mass below the threshold, float64
+        clipped = total[sl] - kept
+        # Chunks before the last: P is the histogram itself. An empty chunk has mass 0 too.
+        mass = at[:, :, 1:-1] - at[:, :, :-2]
+        nonzero = (nz_at[:, :, 1:-1] - nz_at[:, :, :-2]).clamp_min_(1)
+        cross = torch.xlogy(mass, mass / nonzero).sum(dim=2).double()
+        # The last chunk also receives the clipped mass in P (not in Q), and so a nonzero bin.
+        mass_last = kept - cum_mass[sl].gather(1, edges[:, -2].expand(kept.shape[0], -1))
+        nz_last = (nz_at[:, :, -1] - nz_at[:, :, -2]).double()
+        nz_last += ((last_bin[sl] == 0) & (clipped > 0)).double()
+        cross += torch.xlogy(mass_last + clipped, mass_last / nz_last.clamp_min(1))
+        cross -= total[sl] * kept.clamp_min(1).log()
+        plogp = plogp_head[sl] + torch.xlogy(last_bin[sl] + clipped, last_bin[sl] + clipped)
+        kl = (plogp - cross) / total[sl] - total[sl].log()
+        best[sl] = kl.argmin(dim=1)
+    threshold = cand[best].float() * (absmax / KL_BINS)
+    return _clip(-threshold, threshold, mn, mx)
+
+
+def _estimate(x: Tensor, cfg: Any, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise range of ``x`` [rows, cols] for the sample-based observers, bounded by ``[mn, mx]``."""
+    if cfg.observer == "percentile":
+        return _percentile_range(x, float(cfg.p), mn, mx)
+    if cfg.observer == "iqr":
+        return _iqr_range(x, float(cfg.k), mn, mx)
+    if cfg.observer == "mse":
+        return _mse_range(x, grid, mn, mx)
+    return _kl_range(x, grid, mn, mx)
+
+
+@torch.no_grad()
+def weight_range(x2d: Tensor, cfg: Any, grid: Grid) -> tuple[Tensor, Tensor]:
+    """Clipping range of each row of a 2-D weight view.
+
+    Args:
+        x2d: ``[rows, cols]``; one range is estimated per row.
+        cfg: Object with ``observer, momentum, p, n, k`` (``TensorQuantConfig`` or a DictConfig).
+            ``moving_average`` has no batches to average over for weights and equals ``minmax``.
+        grid: Target grid; used by ``mse`` (exact fake-quantization error) and ``kl`` (bin count).
+
+    Returns:
+        ``lo[rows], hi[rows]`` float32, with ``row min <= lo <= hi <= row max``.
+
+    Raises:
+        ValueError: unknown observer, a non 2-D/empty input, or NaN/Inf values.
+    """
+    _check_observer(cfg.observer)
+    if x2d.dim() != 2 or x2d.numel() == 0:
+        raise ValueError(f"weight_range expects a non-empty 2-D tensor, got shape {tuple(x2d.shape)}")
+    x = x2d.detach().float()
+    mn, mx = torch.aminmax(x, dim=1)
+    _raise_if_not_finite(mn, mx, "weight")
+    if cfg.observer in ("minmax", "moving_average"):
+        return mn, mx
+    if cfg.observer == "sigma":
+        var, mean = torch.var_mean(x, dim=1, correction=0)
+        return _sigma_range(mean, var.sqrt(), float(cfg.n), mn, mx)
+    return _estimate(x, cfg, grid, mn, mx)
+
+
+def _raise_if_not_finite(mn: Tensor, mx: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+        kind = "NaN" if bool(torch.isnan(mn).any() | torch.isnan(mx).any()) else "Inf"
+        raise ValueError(f"{what} contains {kind} values")
+
+
+class ActivationObserver:
+    """Streaming per-tensor range of an activation over calibration batches.
+
+    Always keeps the exact running min/max. ``moving_average`` additionally keeps an EMA of the
+    per-batch min and max; ``sigma`` keeps an exact running mean/variance (population, i.e. over
+    all elements seen); ``percentile``, ``iqr``, ``mse`` and ``kl`` keep a random subsample of
+    at most ``max_samples`` values, every element seen about equally likely whatever its batch,
+    and run the row-wise estimator on it (as one row) in :meth:`range`, bounded by the exact
+    min/max. ``mse`` and ``kl`` search over the exact
+    ``[min, max]`` (not the subsample's), scoring candidates on the subsample.
+
+    Args:
+        cfg: Object with ``observer, momentum, p, n, k``.
+        grid: Target grid (used by ``mse`` and ``kl``).
+        max_samples: Bound on the stored subsample.
+        seed: Seed of the subsampling; the result is deterministic given the batches and seed.
+    """
+
+    def __init__(self, cfg: Any, grid: Grid, max_samples: int = 1 << 20, seed: int = 0):
+        _check_observer(cfg.observer)
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.cfg = cfg
+        self.grid = grid
+        self.max_samples = int(max_samples)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._min: Tensor | None = None
+        self._max: Tensor | None = None
+        self._ema_min: Tensor | None = None
+        self._ema_max: Tensor | None = None
+        # Running (count, mean, M2) over all elements, merged per batch with Chan et al.'s
+        # pairwise formula in float64.
+        self._count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+        # Every element seen is kept with probability ~1 / _stride; the stride doubles (and the
+        # stored values are thinned by half) whenever the store would exceed max_samples.
+        self._stride = 1
+        self._samples: list[Tensor] = []
+        self._stored = 0
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Fold one calibration batch (any shape) into the statistics. Empty batches are ignored.
+
+        Raises:
+            ValueError: the batch contains NaN or Inf.
+        """
+        if x.numel() == 0:
+            return
+        x = x.detach()
+        bmin, bmax = torch.aminmax(x)
+        bmin, bmax = bmin.float(), bmax.float()
+        _raise_if_not_finite(bmin, bmax, "activation batch")
+        if self._min is None:
+            self._min, self._max = bmin, bmax
+            self._ema_min, self._ema_max = bmin, bmax
+        else:
+            self._min, self._max = torch.minimum(self._min, bmin), torch.maximum(self._max, bmax)
+            m = float(self.cfg.momentum)
+            self._ema_min = m * self._ema_min + (1.0 - m) * bmin
+            self._ema_max = m * self._ema_max + (1.0 - m) * bmax
+        if self.cfg.observer == "sigma":
+            self._update_moments(x, bmin, bmax)
+        elif self.cfg.observer in _SAMPLED:
+            self._update_sample(x.reshape(-1))
+
+    def _update_moments(self, x: Tensor, bmin: Tensor, bmax: Tensor) -> None:
+        # Float32 pairwise sums of values centred on the batch's mid-range: ~8x cheaper than
+        # var_mean or float64 sums, and centring avoids the cancellation in sum(x^2) - n*mean^2.
+        center = (bmin + bmax) / 2
+        d = x.float() - center
+        n_b = x.numel()
+        s, ss = float(d.sum()), float(d.square().sum())
+        mean_b, m2_b = float(center) + s / n_b, max(ss - s * s / n_b, 0.0)
+        n = self._count + n_b
+        delta = mean_b - self._mean
+        self._mean += delta * n_b / n
+        self._m2 += m2_b + delta * delta * self._count * n_b / n
+        self._count = n
+
+    def _update_sample(self, flat: Tensor) -> None:
+        n = flat.numel()
+        while self._stored + n // self._stride > self.max_samples:
+            self._stride *= 2
+            self._thin()
+        if self._stride == 1:
+            self._samples.append(flat.to(torch.float32, copy=True))
+            self._stored += n
+            return
+        # Draw random aligned runs of _SAMPLE_RUN values (with replacement), n / stride values in
+        # expectation: single-value random gathers cost ~20x an aminmax of the batch, and random
+        # (not strided) positions cannot alias with a channel layout. A ragged tail is skipped.
+        runs = flat[: n - n % _SAMPLE_RUN].view(-1, _SAMPLE_RUN)
+        expected = runs.shape[0] / self._stride
+        take = int(expected) + int(torch.rand((), generator=self._gen).item() < expected % 1)
+        take = min(take, (self.max_samples - self._stored) // _SAMPLE_RUN)
+        if take == 0:
+            return
+        idx = torch.randint(runs.shape[0], (take,), generator=self._gen).to(flat.device)
+        self._samples.append(runs[idx].reshape(-1).float())
+        self._stored += take * _SAMPLE_RUN
+
+    def _thin(self) -> None:
+        """Keep each stored value independently with probability 1/2."""
+        if not self._stored:
+            return
+        stored = torch.cat(self._samples)
+        keep = torch.rand(stored.numel(), generator=self._gen) < 0.5
+        self._samples = [stored[keep.to(stored.device)]]
+        self._stored = self._samples[0].numel()
+
+    @torch.no_grad()
+    def range(self) -> tuple[Tensor, Tensor]:
+        """Calibrated range as scalar float32 tensors ``lo <= hi`` within the exact min/max seen.
+
+        Raises:
+            RuntimeError: no batch was observed.
+        """
+        if self._min is None:
+            raise RuntimeError("observer saw no data")
+        mn, mx = self._min, self._max
+        observer = self.cfg.observer
+        if observer == "minmax":
+            return mn, mx
+        if observer == "moving_average":
+            return _clip(self._ema_min, self._ema_max, mn, mx)
+        if observer == "sigma":
+            std = math.sqrt(max(self._m2, 0.0) / self._count)
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=mn.device) for v in (self._mean, std))
+            return _sigma_range(mean, std, float(self.cfg.n), mn, mx)
+        if not self._stored:
+            # Only with a tiny max_samples or tiny batches: no run was drawn.
+            return mn, mx
+        sample = torch.cat(self._samples)[None, :]
+        lo, hi = _estimate(sample, self.cfg, self.grid, mn.reshape(1), mx.reshape(1))
+        return lo[0], hi[0]
