@@ -1,0 +1,51 @@
+"""Datasets: :func:`build_data` turns a ``DataConfig`` into a :class:`DataBundle`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch.utils.data import DataLoader, Subset
+
+from qsweep.config import ConfigError
+from qsweep.data.bundle import DataBundle
+from qsweep.data.calibration import calibration_batches, calibration_indices
+from qsweep.data.digits import build_digits
+
+# name -> builder(cfg) -> DataBundle. Other sources register here.
+REGISTRY: dict[str, Callable[..., DataBundle]] = {
+    "digits": build_digits,
+}
+
+
+def build_data(cfg) -> DataBundle:
+    """The bundle named by ``cfg.name`` (see :data:`REGISTRY`)."""
+    name = cfg.name
+    builder = REGISTRY.get(name)
+    if builder is None:
+        raise ConfigError(f"data.name={name!r} is not allowed; choose one of {sorted(REGISTRY)}")
+    return builder(cfg)
+
+
+def eval_loader(bundle: DataBundle, cfg) -> DataLoader:
+    """Unshuffled loader over ``bundle.test`` (first ``cfg.max_eval_images`` only, if set)."""
+    batch_size = getattr(cfg, "eval_batch_size", 256)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"data.eval_batch_size={batch_size!r} is not allowed; must be >= 1")
+    dataset = bundle.test
+    limit = getattr(cfg, "max_eval_images", None)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"data.max_eval_images={limit!r} is not allowed; must be >= 1")
+        if limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+__all__ = [
+    "REGISTRY",
+    "DataBundle",
+    "build_data",
+    "calibration_batches",
+    "calibration_indices",
+    "eval_loader",
+]

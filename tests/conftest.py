@@ -1,0 +1,31 @@
+"""Shared fixtures. Add yours below; keep the session cache fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def qsweep_cache(tmp_path_factory):
+    """A throwaway qsweep cache for the whole session (``$QSWEEP_CACHE``, inherited by subprocesses)."""
+    path = tmp_path_factory.mktemp("qsweep_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QSWEEP_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def digits_bundle():
+    """The digits data with the default split."""
+    from qsweep.config import DataConfig
+    from qsweep.data import build_data
+
+    return build_data(DataConfig())
+
+
+@pytest.fixture(scope="session")
+def digits_vit(digits_bundle, qsweep_cache):
+    """The embedded digits ViT, trained once per session into the throwaway cache."""
+    from qsweep.models import load_digits_vit
+
+    return load_digits_vit(digits_bundle, qsweep_cache, progress=False)
