@@ -22,6 +22,7 @@ from qsweep.config import DataConfig, ModelConfig, QuantConfig
 from qsweep.data import build_data, calibration_batches
 from qsweep.models import build_model
 from qsweep.models.cache import cache_dir
+from qsweep.quant.calibrate import QuantizeTimings
 
 
 def rss_mb() -> float:
@@ -75,7 +76,7 @@ def bench_model(label: str, model: torch.nn.Module, batches: list[torch.Tensor],
     fp_s, fp_mem = timed_pass(model, batches, repeats)
     rows = [(label, "FP32 eval", fp_s, 1.0, fp_mem)]
     for name, w_bits in (("W8A8", 8), ("W4A8", 4)):
-        timings = qsweep.quant.calibrate.QuantizeTimings()
+        timings = QuantizeTimings()
         cal_mem: dict = {}
         with peak_rss(cal_mem):
             qmodel = qsweep.quantize(model, recipe(w_bits), batches, timings=timings)
