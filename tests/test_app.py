@@ -144,3 +144,14 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     proc = _cli(tmp_path, "quant.weight.bits=1")
     assert proc.returncode != 0
     assert "quant.weight.bits=1 is not allowed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_fails_the_recorded_run(tmp_path):
+    from qsweep.models.checkpoint import CheckpointError
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        app.run(compose_cfg(tmp_path, f"model.checkpoint={missing}"), tmp_path / "out")
+    _, found = runs(tmp_path)
+    (run,) = found
+    assert run.info.status == "FAILED" and "nope.pth" in run.data.tags["error"]
