@@ -17,6 +17,7 @@ from qsweep.config import validate
 from qsweep.data import build_data, calibration_batches, eval_loader
 from qsweep.evaluate import cached_fp_eval, evaluate, model_fingerprint
 from qsweep.export import artifact_form, export_program, load_program, state_dict_size_mb
+from qsweep.lab_eval import lab_eval
 from qsweep.models import build_model
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.quant.calibrate import QuantizeTimings, quantize
@@ -122,6 +123,12 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     }
     if check is not None:
         metrics["artifact_top1"] = check.top1
+    if artifact is not None and cfg.score.name == "lab4" and cfg.data.name == "cifar100":
+        # The grader's own procedure on the artifact: batch 1, mini test set, its size measure.
+        graded = lab_eval(artifact, cfg.data.root, per_class=cfg.data.per_class, image_size=cfg.data.image_size,
+                          progress=cfg.progress)
+        metrics.update(lab_score=graded["score"], lab_top1=graded["acc"], lab_size_mb=graded["size_mb"],
+                       lab_eval_s=graded["seconds"])
     if device.type == "cuda":
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
@@ -151,6 +158,8 @@ def _print_summary(cfg: DictConfig, r: dict[str, Any], weights: str) -> None:
         ("size", f"{r['size_mb']:.4f} MB  (FP32 {r['fp32_size_mb']:.4f} MB, {r['compression']:.2f}x)"),
         ("avg weight bits", f"{r['avg_weight_bits']:.2f}"),
         (f"score ({cfg.score.name})", f"{r['score']:g}"),
+        *([("lab grader", f"score {r['lab_score']:g}, top-1 {r['lab_top1']:.2f} %, {r['lab_size_mb']:.4f} MB, "
+                          f"{r['lab_eval_s']:.1f} s")] if "lab_score" in r else []),
         ("artifact", str(r["artifact"])), ("result", str(Path(r["output_dir"]) / "result.json")),
     ]
     if r["mlflow_run_id"]:

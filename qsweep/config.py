@@ -26,6 +26,7 @@ LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "w_granularity", "group_size")
 SCORES = ("lab4", "relative")
 WEIGHT_SOURCES = ("auto", "random", "pretrained")
 DEVICES = ("cpu", "cuda", "auto")
+TEST_SETS = ("mini", "full")
 
 
 class ConfigError(QsweepError):
@@ -89,6 +90,10 @@ class DataConfig:
     test_fraction: float = 0.25
     eval_batch_size: int = 256
     max_eval_images: Optional[int] = None  # evaluate on the first N test images only
+    test_set: str = "mini"  # cifar100: "mini" (the lab's 5 per class) | "full" (10,000)
+    per_class: int = 5  # cifar100 mini test set: first N test images of each class
+    image_size: int = 224  # cifar100 / imagefolder: side of the center crop fed to the model
+    convert_rgb: bool = False  # imagefolder: convert grayscale/RGBA/CMYK files instead of failing
 
 
 @dataclass
@@ -225,6 +230,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("device", out.device, DEVICES)
     _in_range("data.test_fraction", out.data.test_fraction, 0.01, 0.9)
     _in_range("data.eval_batch_size", out.data.eval_batch_size, 1, 10**5, "must be >= 1")
+    _choice("data.test_set", out.data.test_set, TEST_SETS)
+    _in_range("data.per_class", out.data.per_class, 1, 10**6, "must be >= 1")
+    _in_range("data.image_size", out.data.image_size, 1, 10**5, "must be >= 1")
     if out.data.max_eval_images is not None:
         _in_range("data.max_eval_images", out.data.max_eval_images, 1, 10**9, "must be >= 1")
     return out

@@ -9,11 +9,15 @@ from torch.utils.data import DataLoader, Subset
 from qsweep.config import ConfigError
 from qsweep.data.bundle import DataBundle
 from qsweep.data.calibration import calibration_batches, calibration_indices
+from qsweep.data.cifar100 import build_cifar100
 from qsweep.data.digits import build_digits
+from qsweep.data.imagefolder import build_imagefolder
 
 # name -> builder(cfg) -> DataBundle. Other sources register here.
 REGISTRY: dict[str, Callable[..., DataBundle]] = {
     "digits": build_digits,
+    "cifar100": build_cifar100,
+    "imagefolder": build_imagefolder,
 }
 
 

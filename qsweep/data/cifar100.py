@@ -1,0 +1,332 @@
+"""CIFAR-100 in torchvision's on-disk layout, preprocessed exactly as the lab's grader does.
+
+Layout: ``<root>/cifar-100-python/{train,test,meta}`` (the extracted ``cifar-100-python.tar.gz``).
+The pickles are read here with an unpickler that only reconstructs numpy arrays, so a tampered
+data file cannot run code; torchvision is used only to download (``data.download=true``).
+
+Eval transform (the lab's): resize the 32x32 image to ``image_size`` (224) with bicubic
+interpolation (crop ratio 1.0), center crop ``image_size``, ``ToTensor``, ImageNet mean/std.
+It is applied per item, never materialized (10,000 images at 3x224x224 would be 6 GB).
+
+Test sets: ``mini`` is the lab's: walk the test split in order, keep the first ``per_class``
+(5) images of every class, grouped by class (class 0's five, then class 1's, ...): 500 images.
+``full`` is the whole test split (10,000). Calibration draws from the train split only
+(``bundle.train``, same transform, no augmentation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from qsweep.config import ConfigError
+from qsweep.data.bundle import DataBundle
+from qsweep.errors import QsweepError
+
+NUM_CLASSES = 100
+FOLDER = "cifar-100-python"
+FILES = ("train", "test", "meta")
+LAB_IMAGE_SIZE = 224
+LAB_PER_CLASS = 5
+TEST_SETS = ("mini", "full")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bump when the preprocessing below changes, so caches keyed on the fingerprint are invalidated.
+PREPROCESS_VERSION = 1
+
+
+class DataFileError(QsweepError):
+    """A data file on disk is unreadable, malformed or refused (the message names the file)."""
+
+
+def _get(cfg, key, default):
+    value = getattr(cfg, key, default) if cfg is not None else default
+    return default if value is None else value
+
+
+def _positive_int(key: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{key}={value!r} is not allowed; must be an integer >= {minimum}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- safe unpickling
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """The only callables a CIFAR pickle may reference: numpy array/scalar reconstruction."""
+    import _codecs
+
+    try:  # numpy >= 2 (files written by numpy 1.x name numpy.core, mapped to the same functions)
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        # Python 3 pickles of ``bytes`` at protocol <= 2 go through _codecs.encode(str, "latin1").
+        ("_codecs", "encode"): _codecs.encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings, numbers and numpy arrays, nothing else."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self._path = path
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise DataFileError(
+                f"refusing to load {self._path}: it references {module}.{name}, which a CIFAR-100 "
+                "data file never does (only numpy arrays, lists, strings and numbers are allowed); "
+                "the file is not genuine CIFAR-100 data, do not use it"
+            )
+        return obj
+
+
+def read_cifar_pickle(path: str | Path) -> dict:
+    """The dict in one CIFAR pickle (``train``, ``test`` or ``meta``), keys as bytes, safely."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataFileError(f"cannot read CIFAR-100 file {path}: {exc}") from None
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(raw), path).load()
+    except DataFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise DataFileError(
+            f"CIFAR-100 file {path} is corrupted or not a CIFAR pickle ({type(exc).__name__}: {exc}); "
+            f"delete the {path.parent.name}/ folder and extract cifar-100-python.tar.gz again "
+            "(or set data.download=true on a machine with internet)"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataFileError(f"CIFAR-100 file {path} holds a {type(obj).__name__}, expected a dict")
+    # Real files have bytes keys (pickled by Python 2); accept str keys too.
+    return {(k.encode() if isinstance(k, str) else k): v for k, v in obj.items()}
+
+
+def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 3, 32, 32], fine labels int64 [N])`` from a ``train``/``test`` file."""
+    path = Path(path)
+    d = read_cifar_pickle(path)
+    missing = [k.decode() for k in (b"data", b"fine_labels") if k not in d]
+    if missing:
+        raise DataFileError(f"CIFAR-100 file {path} lacks the key(s) {missing}; found {sorted(map(repr, d))}")
+    data, labels = d[b"data"], d[b"fine_labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataFileError(f"CIFAR-100 file {path}: 'data' is {desc}, expected uint8 [N, 3072]")
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataFileError(f"CIFAR-100 file {path}: 'fine_labels' is not a list of integers ({exc})") from None
+    if labels.shape[0] != data.shape[0]:
+        raise DataFileError(f"CIFAR-100 file {path}: {data.shape[0]} images but {labels.shape[0]} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataFileError(
+            f"CIFAR-100 file {path}: fine labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}"
+        )
+    # Each row is the R, G and B planes of a 32x32 image, each plane row-major.
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_class_names(path: str | Path) -> list[str]:
+    """The 100 fine label names from the ``meta`` file."""
+    path = Path(path)
+    d = read_cifar_pickle(path)
+    names = d.get(b"fine_label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES:
+        raise DataFileError(f"CIFAR-100 file {path}: expected {NUM_CLASSES} 'fine_label_names'")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
+# --------------------------------------------------------------------------- layout / download
+
+
+def _layout_hint(root, key: str = "data.root") -> str:
+    return (
+        f"expected the extracted CIFAR-100 python version at {root}/{FOLDER}/{{train,test,meta}} "
+        "(torchvision's layout: cifar-100-python.tar.gz unpacked into the root); "
+        "to fetch it set data.download=true on a machine with internet, "
+        f"or copy the folder there and point {key} at its parent"
+    )
+
+
+def find_folder(root, key: str = "data.root") -> Path | None:
+    """The ``cifar-100-python`` folder under ``root`` (or ``root`` itself), or None if incomplete."""
+    if root is None or str(root).strip() == "":
+        raise ConfigError(
+            f"{key}=None is not allowed; set {key} to the directory holding {FOLDER}/ "
+            f"(e.g. {key}=~/data, with ~/data/{FOLDER}/{{train,test,meta}})"
+        )
+    root = Path(str(root)).expanduser()
+    for folder in (root / FOLDER, root):
+        if all((folder / f).is_file() for f in FILES):
+            return folder
+    return None
+
+
+def _missing_error(root, key: str) -> ConfigError:
+    folder = Path(str(root)).expanduser() / FOLDER
+    present = [f for f in FILES if (folder / f).is_file()]
+    missing = [f for f in FILES if f not in present]
+    if not Path(str(root)).expanduser().is_dir():
+        what = f"{root} does not exist"
+    elif not folder.is_dir():
+        what = f"{folder} does not exist"
+    else:
+        what = f"{folder} lacks {missing}"
+    return ConfigError(f"{key}={root} is not allowed: {what}; {_layout_hint(root, key)}")
+
+
+def _download(root) -> None:
+    from torchvision.datasets import CIFAR100
+
+    root = Path(str(root)).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        CIFAR100(root=str(root), train=True, download=True)
+        CIFAR100(root=str(root), train=False, download=True)
+    except Exception as exc:  # noqa: BLE001 - network / disk failures
+        raise ConfigError(
+            f"data.download=true but downloading CIFAR-100 into data.root={root} failed "
+            f"({type(exc).__name__}: {exc}); {_layout_hint(root)}"
+        ) from None
+
+
+def locate(root, download: bool = False, key: str = "data.root") -> Path:
+    """The data folder, downloading through torchvision first if asked and missing."""
+    folder = find_folder(root, key)
+    if folder is None and download:
+        _download(root)
+        folder = find_folder(root, key)
+    if folder is None:
+        raise _missing_error(root, key)
+    return folder
+
+
+# --------------------------------------------------------------------------- transform / dataset
+
+
+def lab_transform(image_size: int = LAB_IMAGE_SIZE):
+    """The lab's eval transform: bicubic resize (crop ratio 1.0), center crop, ImageNet normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class CifarImages(Dataset):
+    """``(image[3, S, S] float32, label)`` over selected rows of a split, transformed per item."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices=None, transform=None):
+        self.images = images  # uint8 [N, 3, 32, 32]
+        self.all_labels = labels
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform if transform is not None else lab_transform()
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels of this dataset's items, in order."""
+        return self.all_labels[self.indices]
+
+    def raw(self, i: int) -> np.ndarray:
+        """Item ``i`` as the stored uint8 image, HWC."""
+        return np.ascontiguousarray(self.images[self.indices[i]].transpose(1, 2, 0))
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.raw(i))), int(self.all_labels[self.indices[i]])
+
+
+def mini_test_indices(labels: np.ndarray, per_class: int = LAB_PER_CLASS, key: str = "data.per_class") -> np.ndarray:
+    """The lab's mini test set: the first ``per_class`` indices of every class, grouped by class."""
+    labels = np.asarray(labels).reshape(-1)
+    out = []
+    for c in range(NUM_CLASSES):
+        members = np.flatnonzero(labels == c)[:per_class]
+        if members.shape[0] < per_class:
+            raise ConfigError(
+                f"{key}={per_class} is not allowed; class {c} has only {members.shape[0]} test images"
+            )
+        out.append(members)
+    return np.concatenate(out).astype(np.int64)
+
+
+def _options(cfg) -> tuple[str, int, int]:
+    test_set = _get(cfg, "test_set", "mini")
+    if test_set not in TEST_SETS:
+        raise ConfigError(f"data.test_set={test_set!r} is not allowed; choose one of {list(TEST_SETS)}")
+    per_class = _positive_int("data.per_class", _get(cfg, "per_class", LAB_PER_CLASS))
+    image_size = _positive_int("data.image_size", _get(cfg, "image_size", LAB_IMAGE_SIZE))
+    return test_set, per_class, image_size
+
+
+def cifar100_test_set(root, test_set: str = "mini", per_class: int = LAB_PER_CLASS,
+                      image_size: int = LAB_IMAGE_SIZE, key: str = "data.root",
+                      per_class_key: str = "data.per_class") -> CifarImages:
+    """Only the evaluation set (reads the ``test`` file alone): what the grader evaluates on."""
+    opts = SimpleNamespace(test_set=test_set, per_class=per_class, image_size=image_size)
+    test_set, per_class, image_size = _options(opts)
+    folder = locate(root, False, key)
+    images, labels = load_split(folder / "test")
+    indices = mini_test_indices(labels, per_class, per_class_key) if test_set == "mini" else None
+    return CifarImages(images, labels, indices, lab_transform(image_size))
+
+
+def build_cifar100(cfg) -> DataBundle:
+    """The CIFAR-100 bundle for ``cfg`` (a DataConfig: root, download, test_set, per_class, image_size)."""
+    test_set, per_class, image_size = _options(cfg)
+    root = _get(cfg, "root", None)
+    folder = locate(root, bool(_get(cfg, "download", False)))
+    train_x, train_y = load_split(folder / "train")
+    test_x, test_y = load_split(folder / "test")
+    load_class_names(folder / "meta")  # validates the meta file
+    indices = mini_test_indices(test_y, per_class) if test_set == "mini" else np.arange(len(test_y))
+    transform = lab_transform(image_size)
+
+    h = hashlib.sha256()
+    for arr in (test_x[indices], test_y[indices], train_x, train_y):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    fingerprint = (
+        f"cifar100-v{PREPROCESS_VERSION}:root={folder.resolve()}:test_set={test_set}"
+        + (f":per_class={per_class}" if test_set == "mini" else "")
+        + f":size={image_size}:resize=bicubic:crop_pct=1.0:norm=imagenet:data={h.hexdigest()[:16]}"
+    )
+    return DataBundle(
+        name="cifar100",
+        train=CifarImages(train_x, train_y, None, transform),
+        test=CifarImages(test_x, test_y, indices, transform),
+        train_labels=torch.from_numpy(train_y.copy()).long(),
+        num_classes=NUM_CLASSES,
+        input_shape=(3, image_size, image_size),
+        fingerprint=fingerprint,
+    )

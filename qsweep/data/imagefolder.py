@@ -1,0 +1,189 @@
+"""Any class-per-folder image set (e.g. Imagenette): ``<root>/train/<class>/*`` + ``<root>/val/<class>/*``.
+
+``test/`` is accepted in place of ``val/``. Both splits must have the same class folders; the
+label of a class is its index in the sorted folder names (torchvision's ``ImageFolder``).
+
+Eval transform (the usual ImageNet one): bilinear resize of the shorter side to
+``floor(image_size / 0.875)`` (256 for 224), center crop ``image_size``, ``ToTensor``,
+ImageNet mean/std. Any aspect ratio works with this resize-then-crop, so non-square images
+are fine; an aspect ratio beyond 4:1 is refused (naming the file), since a crop of the
+middle of such an image is not what the model was trained on and it is almost always a
+stray file (a banner, a strip). Images must be 3-channel RGB: grayscale (``L``), ``RGBA``,
+``CMYK``, palette (``P``) ... are refused naming the file and mode, unless
+``data.convert_rgb=true`` converts them on load. The first few files of every class are
+checked up front (header only, cheap); every image is checked again when it is loaded.
+Calibration draws from ``train/`` with the same transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from qsweep.config import ConfigError
+from qsweep.data.bundle import DataBundle
+from qsweep.data.cifar100 import IMAGENET_MEAN, IMAGENET_STD, DataFileError
+
+IMAGE_SIZE = 224
+CROP_PCT = 0.875  # resize to image_size / CROP_PCT before the center crop: 256 for 224
+MAX_ASPECT = 4.0
+CHECK_PER_CLASS = 5  # files per class (per split) checked when the bundle is built
+EVAL_SPLITS = ("val", "test")
+PREPROCESS_VERSION = 1
+
+
+def _get(cfg, key, default):
+    value = getattr(cfg, key, default) if cfg is not None else default
+    return default if value is None else value
+
+
+def _layout(root) -> str:
+    return (
+        f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/ instead of "
+        "val/), the same class folders in both, images .jpg/.jpeg/.png/.bmp/.webp/... "
+        "(e.g. Imagenette extracted: imagenette2-320/{train,val})"
+    )
+
+
+def folder_transform(image_size: int = IMAGE_SIZE, crop_pct: float = CROP_PCT):
+    """Bilinear resize of the shorter side to ``floor(image_size / crop_pct)``, center crop, normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(math.floor(image_size / crop_pct), interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def check_image(image: Image.Image, path, convert_rgb: bool = False) -> None:
+    """Raise :class:`DataFileError` naming ``path`` if ``image`` is not usable as model input."""
+    w, h = image.size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise DataFileError(
+            f"image {path} is {w}x{h} (aspect ratio {max(w, h) / max(min(w, h), 1):.1f}:1); images may be "
+            f"any shape up to {MAX_ASPECT:g}:1 (resized, then center-cropped), remove or crop this file"
+        )
+    if image.mode != "RGB" and not convert_rgb:
+        bands = len(image.getbands())
+        raise DataFileError(
+            f"image {path} has mode {image.mode!r} ({bands} channel{'s' if bands != 1 else ''}); the model "
+            "needs 3-channel RGB images: convert the file, or set data.convert_rgb=true to convert on load"
+        )
+
+
+class RGBLoader:
+    """``ImageFolder`` loader: opens the image, checks it, returns it as RGB (picklable)."""
+
+    def __init__(self, convert_rgb: bool = False):
+        self.convert_rgb = bool(convert_rgb)
+
+    def __call__(self, path: str) -> Image.Image:
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f)
+                check_image(image, path, self.convert_rgb)
+                image.load()
+        except DataFileError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataFileError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _check_header(path: str, convert_rgb: bool) -> None:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            check_image(image, path, convert_rgb)
+    except DataFileError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataFileError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _classes(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _split_dirs(root) -> tuple[Path, Path]:
+    if root is None or str(root).strip() == "":
+        raise ConfigError(f"data.root=None is not allowed; set data.root to the image folder; {_layout('<root>')}")
+    base = Path(str(root)).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"data.root={root} is not allowed: {base} is not a directory; {_layout(root)}")
+    train = base / "train"
+    evals = [base / s for s in EVAL_SPLITS if (base / s).is_dir()]
+    missing = ([] if train.is_dir() else ["train/"]) + ([] if evals else ["val/ (or test/)"])
+    if missing:
+        raise ConfigError(f"data.root={root} is not allowed: {base} has no {' and no '.join(missing)}; {_layout(root)}")
+    return train, evals[0]
+
+
+def _dataset(split_dir: Path, transform, loader):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(split_dir), transform=transform, loader=loader)
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        raise ConfigError(f"data.root: {split_dir} is not a usable split ({exc}); {_layout(split_dir.parent)}") from None
+
+
+def build_imagefolder(cfg) -> DataBundle:
+    """The image-folder bundle for ``cfg`` (a DataConfig: root, image_size, convert_rgb)."""
+    root = _get(cfg, "root", None)
+    image_size = _get(cfg, "image_size", IMAGE_SIZE)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"data.image_size={image_size!r} is not allowed; must be an integer >= 1")
+    convert_rgb = bool(_get(cfg, "convert_rgb", False))
+    train_dir, eval_dir = _split_dirs(root)
+
+    train_classes, eval_classes = _classes(train_dir), _classes(eval_dir)
+    if train_classes != eval_classes:
+        only_train = sorted(set(train_classes) - set(eval_classes))
+        only_eval = sorted(set(eval_classes) - set(train_classes))
+        raise ConfigError(
+            f"data.root={root} is not allowed: the class folders of {train_dir} ({len(train_classes)}) and "
+            f"{eval_dir} ({len(eval_classes)}) differ: only in {train_dir.name}/: {only_train}, "
+            f"only in {eval_dir.name}/: {only_eval}; both splits need the same class folders"
+        )
+    if not train_classes:
+        raise ConfigError(f"data.root={root} is not allowed: {train_dir} has no class folders; {_layout(root)}")
+
+    transform = folder_transform(image_size)
+    loader = RGBLoader(convert_rgb)
+    train = _dataset(train_dir, transform, loader)
+    test = _dataset(eval_dir, transform, loader)
+    for ds in (train, test):
+        seen: dict[int, int] = {}
+        for path, label in ds.samples:
+            if seen.get(label, 0) < CHECK_PER_CLASS:
+                seen[label] = seen.get(label, 0) + 1
+                _check_header(path, convert_rgb)
+
+    base = Path(str(root)).expanduser().resolve()
+    h = hashlib.sha256()
+    for ds in (train, test):
+        for path, label in ds.samples:
+            h.update(f"{os.path.relpath(path, base)}\0{label}\0{os.path.getsize(path)}\n".encode())
+    fingerprint = (
+        f"imagefolder-v{PREPROCESS_VERSION}:root={base}:eval={eval_dir.name}:classes={len(train_classes)}"
+        f":size={image_size}:resize={math.floor(image_size / CROP_PCT)}:bilinear:norm=imagenet"
+        f":rgb={'convert' if convert_rgb else 'strict'}:files={h.hexdigest()[:16]}"
+    )
+    return DataBundle(
+        name="imagefolder",
+        train=train,
+        test=test,
+        train_labels=torch.tensor(train.targets, dtype=torch.long),
+        num_classes=len(train_classes),
+        input_shape=(3, image_size, image_size),
+        fingerprint=fingerprint,
+    )
