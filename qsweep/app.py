@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import qsweep
+from qsweep.analysis import analyze
 from qsweep.config import validate
 from qsweep.data import build_data, calibration_batches, eval_loader
 from qsweep.evaluate import cached_fp_eval, evaluate, model_fingerprint
@@ -96,9 +97,13 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     fp_key = f"{model_fingerprint(model)}-{bundle.fingerprint}-{cfg.data.max_eval_images}"
     fp, _ = cached_fp_eval(model, loader, bundle.num_classes, cache, fp_key, device, cfg.progress)
 
+    calib = calibration_batches(bundle, cfg.quant.calib)
+    if cfg.mode == "analyze":
+        return {"analysis": _analysis(ctx, model, bundle, loader, calib, fp_key), "output_dir": str(out),
+                "weights": weights, "fp_top1": fp.top1, "mlflow_run_id": rec.run_id if rec else None}
+
     timings = QuantizeTimings()
-    qmodel = quantize(model, cfg.quant, calibration_batches(bundle, cfg.quant.calib),
-                      progress=cfg.progress, timings=timings)
+    qmodel = quantize(model, cfg.quant, calib, progress=cfg.progress, timings=timings)
     q = evaluate(qmodel, loader, bundle.num_classes, device, cfg.progress, desc="evaluate quantized")
 
     rows = layer_table(qmodel)
@@ -136,6 +141,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     result = {**metrics, "artifact": str(artifact) if artifact else None, "weights": weights,
               "mlflow_run_id": rec.run_id if rec else None, "mlflow_uri": rec.uri if rec else None,
               "output_dir": str(out)}
+    if cfg.analysis.enabled:
+        result["analysis"] = _analysis(ctx, model, bundle, loader, calib, fp_key)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     if rec is not None:
         rec.log_metrics(metrics)
@@ -148,6 +155,21 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         raise ArtifactMismatch(f"exported artifact {artifact} scores top-1 {check.top1:.4f} % but the "
                                f"in-process model scored {q.top1:.4f} %")
     return result
+
+
+def _analysis(ctx: RunContext, model, bundle, loader, calib, fp_key: str) -> dict[str, str]:
+    """Box plots, histograms and per-layer sensitivity into ``<run dir>/analysis`` and MLflow."""
+    cfg, a = ctx.cfg, ctx.cfg.analysis
+    # The sensitivity cache key must change with everything that changes the table.
+    data_key = f"{fp_key}-calib{cfg.quant.calib.num_images}x{cfg.quant.calib.batch_size}-seed{cfg.quant.calib.seed}"
+    paths = analyze(model, calib, loader, bundle.num_classes, ctx.output_dir / "analysis", cfg.quant,
+                    resolve_cache_dir(cfg.cache_dir), data_key, a.histogram_layers, cfg.progress,
+                    w_bits=a.w_bits, a_bits=a.a_bits, max_samples=a.max_samples)
+    if ctx.recorder is not None:
+        for path in paths.values():
+            ctx.recorder.log_artifact(path, "analysis")
+    print(f"analysis written to {ctx.output_dir / 'analysis'} ({len(paths)} files)", flush=True)
+    return {name: str(path) for name, path in paths.items()}
 
 
 def _print_summary(cfg: DictConfig, r: dict[str, Any], weights: str) -> None:

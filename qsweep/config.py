@@ -27,6 +27,7 @@ SCORES = ("lab4", "relative")
 WEIGHT_SOURCES = ("auto", "random", "pretrained")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
+MODES = ("run", "analyze")
 
 
 class ConfigError(QsweepError):
@@ -120,6 +121,15 @@ class ExportConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    enabled: bool = False  # also analyze after a quantization run (mode=analyze: only analyze)
+    w_bits: int = 4  # sensitivity: each layer alone quantized at these widths
+    a_bits: Optional[int] = 8
+    histogram_layers: Optional[list[str]] = None  # None: the layers with the largest outliers
+    max_samples: int = 200_000  # activation values kept per layer for the plots
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +137,8 @@ class RootConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    mode: str = "run"  # run: quantize, evaluate, export, score, record | analyze: plots + sensitivity
     experiment: str = "default"
     seed: int = 0
     device: str = "cpu"
@@ -228,6 +240,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("score.name", out.score.name, SCORES)
     _choice("model.weights", out.model.weights, WEIGHT_SOURCES)
     _choice("device", out.device, DEVICES)
+    _choice("mode", out.mode, MODES)
+    _bits("analysis.w_bits", out.analysis.w_bits, WEIGHT_BITS, allow_float=False)
+    _bits("analysis.a_bits", out.analysis.a_bits, ACT_BITS, allow_float=True)
     _in_range("data.test_fraction", out.data.test_fraction, 0.01, 0.9)
     _in_range("data.eval_batch_size", out.data.eval_batch_size, 1, 10**5, "must be >= 1")
     _choice("data.test_set", out.data.test_set, TEST_SETS)

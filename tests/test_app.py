@@ -155,3 +155,14 @@ def test_missing_checkpoint_fails_the_recorded_run(tmp_path):
     _, found = runs(tmp_path)
     (run,) = found
     assert run.info.status == "FAILED" and "nope.pth" in run.data.tags["error"]
+
+
+def test_analyze_mode_writes_and_logs_plots(tmp_path, digits_vit):
+    result = app.run(compose_cfg(tmp_path, "mode=analyze", "analysis.w_bits=2"), tmp_path / "out")
+    assert {"weight_box", "input_box_fliers", "histograms", "sensitivity_plot", "sensitivity_csv"} <= set(result["analysis"])
+    assert all(Path(p).stat().st_size > 1000 for p in result["analysis"].values())
+    assert not (tmp_path / "out" / "quantized.pt2").exists()  # analysis only: nothing quantized or exported
+    client, found = runs(tmp_path)
+    (run,) = found
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "analysis")}
+    assert "analysis/sensitivity.png" in names or any(n.endswith(".png") for n in names)
