@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: setup test bench ui clean
+.PHONY: setup test test-executorch bench ui clean
 
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
@@ -17,6 +17,11 @@ $(BIN)/python:
 
 test:
 	$(BIN)/python -m pytest -q -m "not bench"
+
+# Installs the optional ExecuTorch extra (~1 GB more) and runs its export test.
+test-executorch:
+	$(BIN)/pip install --quiet -e ".[executorch]"
+	$(BIN)/python -m pytest -q tests/test_export_pte.py
 
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py

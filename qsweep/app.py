@@ -17,7 +17,7 @@ from qsweep.analysis import analyze
 from qsweep.config import validate
 from qsweep.data import build_data, calibration_batches, eval_loader
 from qsweep.evaluate import cached_fp_eval, evaluate, model_fingerprint
-from qsweep.export import artifact_form, export_program, load_program, state_dict_size_mb
+from qsweep.export import artifact_form, export_program, export_pte, load_program, state_dict_size_mb
 from qsweep.lab_eval import lab_eval
 from qsweep.models import build_model
 from qsweep.models.cache import cache_dir as resolve_cache_dir
@@ -114,6 +114,10 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         loaded = load_program(artifact)
         size_mb = state_dict_size_mb(loaded)
         check = evaluate(loaded, loader, bundle.num_classes, "cpu", cfg.progress, desc="evaluate artifact")
+        if cfg.export.pte:
+            pte = export_pte(qmodel, example, artifact.with_suffix(".pte"), cfg.export.pte_max_batch)
+            if rec is not None and cfg.tracking.log_model:
+                rec.log_artifact(pte, "model")
     else:
         size_mb, check = state_dict_size_mb(artifact_form(qmodel)), None
 

@@ -118,6 +118,8 @@ class TrackingConfig:
 class ExportConfig:
     enabled: bool = True
     filename: str = "quantized.pt2"
+    pte: bool = False  # also write an ExecuTorch .pte (optional extra: pip install -e '.[executorch]')
+    pte_max_batch: int = 16  # ExecuTorch plans memory ahead: the largest batch the .pte accepts
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from qsweep.errors import QsweepError
 from qsweep.quant.calibrate import quant_layers
 from qsweep.quant.packed import PackedWeight
 
@@ -33,16 +34,36 @@ def artifact_form(qmodel: nn.Module) -> nn.Module:
     return model
 
 
-def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def export_artifact(qmodel: nn.Module, example: torch.Tensor, max_batch: int | None = None) -> torch.export.ExportedProgram:
+    """The artifact form traced by ``torch.export``, dynamic in the batch dimension (up to ``max_batch``)."""
     model = artifact_form(qmodel)
     # Two examples: a batch of 1 would let export specialize the batch dimension to a constant.
     example = example[:1].cpu().expand(2, *example.shape[1:]).contiguous()
     with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
-    torch.export.save(program, str(path))
+        return torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
+
+
+def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(export_artifact(qmodel, example), str(path))
+    return path
+
+
+def export_pte(qmodel: nn.Module, example: torch.Tensor, path: str | Path, max_batch: int = 16) -> Path:
+    """An ExecuTorch ``.pte`` of the artifact form (needs the optional ``executorch`` package).
+
+    ExecuTorch plans memory ahead of time, so the batch dimension is bounded by ``max_batch``.
+    """
+    try:
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as exc:
+        raise QsweepError("export.pte=true needs ExecuTorch: pip install -e '.[executorch]'") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = to_edge_transform_and_lower(export_artifact(qmodel, example, max_batch)).to_executorch()
+    path.write_bytes(program.buffer)
     return path
 
 
