@@ -25,6 +25,7 @@ test-executorch:
 
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py
+	$(BIN)/python experiments/bench/bench_int.py
 
 ui:
 	$(BIN)/mlflow ui --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

@@ -28,6 +28,7 @@ WEIGHT_SOURCES = ("auto", "random", "pretrained")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze")
+BACKENDS = ("fake", "int")
 
 
 class ConfigError(QsweepError):
@@ -123,6 +124,11 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    backend: str = "fake"  # fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
+
+
+@dataclass
 class AnalysisConfig:
     enabled: bool = False  # also analyze after a quantization run (mode=analyze: only analyze)
     w_bits: int = 4  # sensitivity: each layer alone quantized at these widths
@@ -140,6 +146,7 @@ class RootConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mode: str = "run"  # run: quantize, evaluate, export, score, record | analyze: plots + sensitivity
     experiment: str = "default"
     seed: int = 0
@@ -243,6 +250,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("model.weights", out.model.weights, WEIGHT_SOURCES)
     _choice("device", out.device, DEVICES)
     _choice("mode", out.mode, MODES)
+    _choice("eval.backend", out.eval.backend, BACKENDS)
     _bits("analysis.w_bits", out.analysis.w_bits, WEIGHT_BITS, allow_float=False)
     _bits("analysis.a_bits", out.analysis.a_bits, ACT_BITS, allow_float=True)
     _in_range("data.test_fraction", out.data.test_fraction, 0.01, 0.9)

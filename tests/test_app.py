@@ -166,3 +166,12 @@ def test_analyze_mode_writes_and_logs_plots(tmp_path, digits_vit):
     (run,) = found
     names = {a.path for a in client.list_artifacts(run.info.run_id, "analysis")}
     assert "analysis/sensitivity.png" in names or any(n.endswith(".png") for n in names)
+
+
+def test_int_backend_run_matches_fake(tmp_path, digits_vit):
+    fake = app.run(compose_cfg(tmp_path, "tracking.enabled=false", "export.enabled=false"), tmp_path / "fake")
+    real = app.run(compose_cfg(tmp_path, "tracking.enabled=false", "export.enabled=false", "eval.backend=int"),
+                   tmp_path / "int")
+    assert real["top1"] == fake["top1"] and real["int_fallback_layers"] == 0
+    with pytest.raises(ConfigError, match=r"eval.backend='float'"):
+        app.run(compose_cfg(tmp_path, "eval.backend=float"), tmp_path / "bad")

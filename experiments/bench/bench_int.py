@@ -1,0 +1,213 @@
+"""Integer execution path vs fake-quant vs FP32 on DeiT-S (random weights), measured in one process.
+
+    .venv/bin/python experiments/bench/bench_int.py [--batches N] [--repeats R] [--no-rss]
+
+Prints:
+
+1. eval time per pass at batch 16 (``--batches`` batches) and batch 1 (``--singles`` images) for
+   FP32 eager, fake-quant W8A8 / W4A8 and the integer path W8A8 / W4A8 (per-channel symmetric
+   weights, per-tensor affine min-max activations), best of ``--repeats``; the models are timed
+   round-robin inside each repeat, so a load spike from other processes hits all of them alike,
+   and ratios are to FP32 from the same repeat set;
+2. a ``torch.profiler`` breakdown (self CPU time by category) of one batch-16 forward of the
+   integer W8A8 model, next to FP32's;
+3. peak RSS while evaluating, each in a fresh subprocess that holds only the model evaluated
+   (the int model is converted, then the float and fake-quant models are freed and
+   ``malloc_trim`` returns their pages), plus the bytes of parameters and buffers per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import peak_rss, rss_mb
+
+import qsweep
+from qsweep.quant.intkernel import to_int_backend
+
+MODEL = "deit3_small_patch16_224"
+
+
+def recipe(w_bits: int) -> dict:
+    return {"weight": {"bits": w_bits, "symmetric": True, "granularity": "per_channel"},
+            "act": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}}
+
+
+def deit() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(MODEL, num_classes=100).eval()
+
+
+def images(n: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    return [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def round_robin(models: dict[str, torch.nn.Module], batches: list[torch.Tensor], repeats: int
+                ) -> dict[str, list[float]]:
+    """Seconds per pass over ``batches`` for each model and repeat, the models timed in turn."""
+    for m in models.values():
+        m(batches[0])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            start = time.perf_counter()
+            for x in batches:
+                m(x)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+OTHER = "other (views, Python, dispatch)"
+CATEGORIES = [
+    ("int8 GEMM (_int_mm)", ("aten::_int_mm",)),
+    ("float GEMM (addmm/mm/conv)", ("aten::addmm", "aten::mm", "aten::mkldnn_convolution", "aten::linear")),
+    ("activation quantization", ("aten::quantize_per_tensor", "aten::quantize_per_channel", "aten::set_",
+                                 "aten::round_", "aten::clamp_", "aten::clamp", "aten::_to_copy")),
+    ("zp correction + dequant epilogue", ("aten::sub", "aten::addcmul", "aten::addr_", "aten::sum")),
+    ("attention (SDPA)", ("aten::_scaled_dot_product_flash_attention_for_cpu",)),
+    ("LayerNorm", ("aten::native_layer_norm",)),
+    ("GELU", ("aten::gelu",)),
+    ("add / mul (residual, layer scale)", ("aten::add", "aten::mul", "aten::mul_")),
+    ("copy_ (int32->fp32 cast, patches, bias)", ("aten::copy_", "aten::cat", "aten::clone")),
+]
+
+
+@torch.no_grad()
+def breakdown(model: torch.nn.Module, x: torch.Tensor, passes: int) -> dict[str, float]:
+    """Self CPU seconds per category for one forward: each category's least time over ``passes``
+    profiled passes (on a shared machine a load spike inflates whatever op it lands on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(x)
+    best: dict[str, float] = {}
+    for _ in range(passes):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+        out: dict[str, float] = defaultdict(float)
+        for ev in prof.key_averages():
+            cat = next((c for c, names in CATEGORIES if ev.key in names), OTHER)
+            out[cat] += ev.self_cpu_time_total / 1e6
+        for cat, t in out.items():
+            best[cat] = min(best.get(cat, float("inf")), t)
+    return best
+
+
+def rss_child(phase: str, batches: int) -> None:
+    """Subprocess body: peak RSS while evaluating one model that is the only one alive."""
+    model = deit()
+    calib = images(batches, 16)
+    if phase != "fp32":
+        w_bits = 8 if phase.endswith("W8A8") else 4
+        qmodel = qsweep.quantize(model, recipe(w_bits), calib)
+        del model
+        if phase.startswith("int"):
+            model, _ = to_int_backend(qmodel)
+            del qmodel
+        else:
+            model = qmodel
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    x = images(batches, 16, seed=100)
+    with torch.no_grad():
+        model(x[0])
+        before = rss_mb()
+        mem: dict = {}
+        with peak_rss(mem):
+            for xb in x:
+                model(xb)
+    print(json.dumps({"phase": phase, "before": before, "peak": mem["peak"], "bytes": model_bytes(model)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=2, help="batches of 16 images per timed pass")
+    parser.add_argument("--singles", type=int, default=8, help="batch-1 images per timed pass")
+    parser.add_argument("--repeats", type=int, default=5, help="passes timed per model; the best is reported")
+    parser.add_argument("--profile-passes", type=int, default=5, help="profiled forwards per model")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.batches)
+        return
+
+    fp = deit()
+    calib = images(args.batches, 16)
+    models = {"FP32 eager": fp}
+    fallbacks = {}
+    for w_bits in (8, 4):
+        tag = f"W{w_bits}A8"
+        qmodel = qsweep.quantize(fp, recipe(w_bits), calib)
+        models[f"fake-quant {tag}"] = qmodel
+        models[f"int {tag}"], fallbacks[tag] = to_int_backend(qmodel)
+    int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fallbacks {fallbacks}; "
+          f"activation kernel: {int_layer.act_kernel}")
+
+    for label, batches in ((16, images(args.batches, 16, seed=100)), (1, images(args.singles, 1, seed=200))):
+        times = round_robin(models, batches, args.repeats)
+        n_img = len(batches) * label
+        fp_times = times["FP32 eager"]
+        print(f"\nbatch {label}: {len(batches)} x {label} images per pass, {args.repeats} repeats")
+        print(f"{'model':<18} {'best ms/img':>11} {'best x FP32':>11} {'speedup':>8} {'median paired speedup':>22}")
+        for name, ts in times.items():
+            best_ratio = min(ts) / min(fp_times)
+            paired = statistics.median(f / t for f, t in zip(fp_times, ts))
+            print(f"{name:<18} {min(ts) / n_img * 1e3:>11.2f} {best_ratio:>11.3f} {1 / best_ratio:>8.2f} "
+                  f"{paired:>22.2f}")
+
+    x = images(1, 16, seed=300)[0]
+    print(f"\nprofile of one batch-16 forward: self CPU ms per category, least of {args.profile_passes} profiled "
+          "passes (profiler overhead included)")
+    names = ("FP32 eager", "fake-quant W8A8", "int W8A8")
+    prof = {name: breakdown(models[name], x, args.profile_passes) for name in names}
+    totals = {n: sum(prof[n].values()) for n in names}
+    print(f"{'category':<36}" + "".join(f"{n:>18}" for n in names))
+    for c in [c for c, _ in CATEGORIES] + [OTHER]:
+        row = [prof[n].get(c, 0.0) for n in names]
+        if any(row):
+            cells = (f"{v * 1e3:>12.1f} {100 * v / totals[n]:>4.0f}%" for v, n in zip(row, names))
+            print(f"{c:<36}" + "".join(cells))
+    print(f"{'total':<36}" + "".join(f"{totals[n] * 1e3:>12.1f}      " for n in names))
+
+    if not args.no_rss:
+        del models, fp, qmodel
+        print("\npeak RSS while evaluating batch 16, fresh process per model (MB)")
+        print(f"{'model':<20} {'RSS before':>11} {'peak RSS':>10} {'params+buffers MB':>18}")
+        for phase in ("fp32", "fake W8A8", "int W8A8", "fake W4A8", "int W4A8"):
+            cmd = [sys.executable, __file__, "--rss-child", phase, "--batches", str(args.batches)]
+            out = subprocess.run(cmd + (["--threads", str(args.threads)] if args.threads else []),
+                                 check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{phase:<20} {r['before']:>11.0f} {r['peak']:>10.0f} {r['bytes'] / 2**20:>18.1f}")
+
+
+if __name__ == "__main__":
+    main()
