@@ -105,13 +105,18 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
 
     timings = QuantizeTimings()
     qmodel = quantize(model, cfg.quant, calib, progress=cfg.progress, timings=timings)
+    backend = cfg.eval.backend
+    if backend == "auto":
+        backend = "fake" if cfg.export.enabled else "int"
+    if rec is not None:
+        rec.set_tags({"eval_backend": backend})
     fallbacks: dict[str, str] = {}
     runner = qmodel
-    if cfg.eval.backend == "int":
+    if backend == "int":
         runner, fallbacks = to_int_backend(qmodel)
         if rec is not None and fallbacks:
             rec.set_tags({"int_fallbacks": "; ".join(f"{k}: {v}" for k, v in fallbacks.items())})
-    q = evaluate(runner, loader, bundle.num_classes, device, cfg.progress, desc=f"evaluate quantized ({cfg.eval.backend})")
+    q = evaluate(runner, loader, bundle.num_classes, device, cfg.progress, desc=f"evaluate quantized ({backend})")
     del runner
 
     rows = layer_table(qmodel)
@@ -138,7 +143,7 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         "calibration_s": timings.calibrate_s, "quantization_s": timings.quantize_s, "eval_s": q.seconds,
         "eval_images": q.images, "peak_rss_mb": peak_rss_mb(),
     }
-    if cfg.eval.backend == "int":
+    if backend == "int":
         metrics["int_fallback_layers"] = len(fallbacks)
     if check is not None:
         metrics["artifact_top1"] = check.top1
@@ -167,7 +172,7 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     _print_summary(cfg, result, weights)
     # The artifact computes the fake-quant grid: it must reproduce a fake-backend evaluation
     # exactly. The int backend may differ on an input whose activation code sits on a rounding tie.
-    if check is not None and check.top1 != q.top1 and cfg.eval.backend == "fake":
+    if check is not None and check.top1 != q.top1 and backend == "fake":
         raise ArtifactMismatch(f"exported artifact {artifact} scores top-1 {check.top1:.4f} % but the "
                                f"in-process model scored {q.top1:.4f} %")
     return result

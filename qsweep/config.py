@@ -28,7 +28,7 @@ WEIGHT_SOURCES = ("auto", "random", "pretrained")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze")
-BACKENDS = ("fake", "int")
+BACKENDS = ("auto", "fake", "int")
 
 
 class ConfigError(QsweepError):
@@ -125,7 +125,8 @@ class ExportConfig:
 
 @dataclass
 class EvalConfig:
-    backend: str = "fake"  # fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
+    # auto: int when nothing is exported, else fake (bit-identical to the artifact the run checks)
+    backend: str = "auto"  # | fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
 
 
 @dataclass
