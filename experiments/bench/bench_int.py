@@ -142,6 +142,31 @@ def rss_child(phase: str, batches: int) -> None:
     print(json.dumps({"phase": phase, "before": before, "peak": mem["peak"], "bytes": model_bytes(model)}))
 
 
+def pt2e_peers(fp: torch.nn.Module, calib: list[torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """torchao's pt2e W8A8 (X86InductorQuantizer): its reference model, and lowered by inductor.
+
+    Empty when torchao is not installed (``pip install -e '.[peers]'``). The lowered model
+    compiles on its first call of each batch shape (tens of seconds); round_robin's warm-up
+    pass absorbs that.
+    """
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        print("torchao not installed: no pt2e peer (pip install -e '.[peers]')")
+        return {}
+    graph = torch.export.export(fp, (calib[0],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    reference = convert_pt2e(prepared)
+    # Freezing lets inductor fold the quantized weights into its int8 kernels.
+    torch._inductor.config.freezing = True
+    return {"pt2e W8A8 ref": reference, "pt2e W8A8 x86": torch.compile(reference, dynamic=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=2, help="batches of 16 images per timed pass")
@@ -167,6 +192,7 @@ def main() -> None:
         qmodel = qsweep.quantize(fp, recipe(w_bits), calib)
         models[f"fake-quant {tag}"] = qmodel
         models[f"int {tag}"], fallbacks[tag] = to_int_backend(qmodel)
+    models.update(pt2e_peers(fp, calib))
     int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fallbacks {fallbacks}; "
           f"activation kernel: {int_layer.act_kernel}")
