@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 import qsweep
 from qsweep.analysis import analyze
 from qsweep.config import validate
-from qsweep.data import build_data, calibration_batches, eval_loader
-from qsweep.evaluate import cached_fp_eval, evaluate, model_fingerprint
-from qsweep.export import artifact_form, export_program, export_pte, load_program, state_dict_size_mb
+from qsweep.data import DataBundle, build_data, calibration_batches, eval_loader
+from qsweep.evaluate import EvalResult, cached_fp_eval, evaluate, model_fingerprint
+from qsweep.export import artifact_size_mb, export_program, export_pte, load_program, state_dict_size_mb
 from qsweep.lab_eval import lab_eval
 from qsweep.models import build_model
 from qsweep.models.cache import cache_dir as resolve_cache_dir
@@ -53,22 +54,28 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run one quantization job; returns the result dict also written to ``result.json``.
+def run(cfg: DictConfig, output_dir: str | Path, parent_run_id: str | None = None,
+        sweep: str | None = None) -> dict[str, Any]:
+    """Run one quantization job (or, with ``mode=search``, a study); returns the result dict.
 
     The config is validated before anything is built. A failure after the MLflow run started
-    marks that run FAILED with the reason, then re-raises.
+    marks that run FAILED with the reason, then re-raises. ``parent_run_id`` nests the run under
+    another (a study's); ``sweep`` (a Hydra multirun's directory) nests it under that sweep's run.
     """
     cfg = validate(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    recorder = None
+    if cfg.mode == "search":
+        from qsweep.search import run_search
+
+        return run_search(cfg, output_dir, PROJECT_DIR, sweep=sweep)
+    recorder, sweep_run = None, None
     if cfg.tracking.enabled:
         recorder = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, PROJECT_DIR)
-        recorder.start(cfg.tracking.run_name or f"{cfg.experiment}:{cfg.model.name}:{cfg.quant.name}", {
-            "model": cfg.model.name, "data": cfg.data.name, "experiment": cfg.experiment,
-            "recipe": cfg.quant.name, "git_commit": git_commit(PROJECT_DIR), "qsweep_version": qsweep.__version__,
-        })
+        if sweep is not None and parent_run_id is None:
+            parent_run_id = sweep_run = recorder.sweep_parent(sweep, cfg.experiment)
+        recorder.start(cfg.tracking.run_name or f"{cfg.experiment}:{cfg.model.name}:{cfg.quant.name}",
+                       run_tags(cfg), parent_run_id=parent_run_id)
         recorder.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
     try:
         result = _pipeline(RunContext(cfg, output_dir, recorder))
@@ -76,29 +83,57 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if recorder is not None:
             recorder.finish(error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if sweep_run is not None:
+            recorder.close_parent(sweep_run)
     if recorder is not None:
         recorder.finish()
     return result
 
 
-def _pipeline(ctx: RunContext) -> dict[str, Any]:
-    cfg, out, rec = ctx.cfg, ctx.output_dir, ctx.recorder
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    return {"model": cfg.model.name, "data": cfg.data.name, "experiment": cfg.experiment, "recipe": cfg.quant.name,
+            "git_commit": git_commit(PROJECT_DIR), "qsweep_version": qsweep.__version__}
+
+
+@dataclass
+class Prepared:
+    """What every job builds before quantizing: data, the float model and its accuracy, calibration."""
+
+    bundle: DataBundle
+    model: torch.nn.Module
+    weights: str
+    loader: DataLoader
+    fp: EvalResult
+    fp_size_mb: float
+    fp_key: str
+    calib: list
+    device: torch.device
+
+
+def prepare_job(cfg: DictConfig, rec: Recorder | None) -> Prepared:
+    """Build data and model, measure the float model (cached), draw the calibration batches."""
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     cache = resolve_cache_dir(cfg.cache_dir)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-
     bundle = build_data(cfg.data)
     model, weights = build_model(cfg.model, bundle, cache, progress=cfg.progress)
     if rec is not None:
         rec.set_tags({"weights": weights})
     model = model.to(device).eval()
     loader = eval_loader(bundle, cfg.data)
-    fp_size_mb = state_dict_size_mb(model)
     fp_key = f"{model_fingerprint(model)}-{bundle.fingerprint}-{cfg.data.max_eval_images}"
     fp, _ = cached_fp_eval(model, loader, bundle.num_classes, cache, fp_key, device, cfg.progress)
+    return Prepared(bundle, model, weights, loader, fp, state_dict_size_mb(model), fp_key,
+                    calibration_batches(bundle, cfg.quant.calib), device)
 
-    calib = calibration_batches(bundle, cfg.quant.calib)
+
+def _pipeline(ctx: RunContext) -> dict[str, Any]:
+    cfg, out, rec = ctx.cfg, ctx.output_dir, ctx.recorder
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    job = prepare_job(cfg, rec)
+    bundle, model, weights, loader, fp, device = job.bundle, job.model, job.weights, job.loader, job.fp, job.device
+    fp_size_mb, fp_key, calib = job.fp_size_mb, job.fp_key, job.calib
     if cfg.mode == "analyze":
         return {"analysis": _analysis(ctx, model, bundle, loader, calib, fp_key), "output_dir": str(out),
                 "weights": weights, "fp_top1": fp.top1, "mlflow_run_id": rec.run_id if rec else None}
@@ -132,7 +167,7 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
             if rec is not None and cfg.tracking.log_model:
                 rec.log_artifact(pte, "model")
     else:
-        size_mb, check = state_dict_size_mb(artifact_form(qmodel)), None
+        size_mb, check = artifact_size_mb(qmodel), None
 
     score = compute_score(cfg.score.name, size_mb, q.top1, fp_size_mb, fp.top1,
                           cfg.score.ref_size_mb, cfg.score.ref_acc)

@@ -27,8 +27,17 @@ SCORES = ("lab4", "relative")
 WEIGHT_SOURCES = ("auto", "random", "pretrained")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
-MODES = ("run", "analyze")
+MODES = ("run", "analyze", "search")
 BACKENDS = ("auto", "fake", "int")
+ADAROUND_MODES = ("off", "layer", "block")
+LSQ_MODES = ("off", "act", "weight", "both")
+SOFTMAX_QUANTIZERS = ("uniform", "log2")
+POST_LN_MODES = ("off", "reparam", "smooth")
+INTOPS = ("off", "ivit")
+SAMPLERS = ("tpe", "random", "nsga2")
+OBJECTIVES = ("score", "pareto")
+SEARCH_GROUPS = ("layer", "block", "type")
+PRUNERS = ("bound", "median", "none")
 
 
 class ConfigError(QsweepError):
@@ -60,6 +69,19 @@ class CalibConfig:
 
 
 @dataclass
+class ViTQuantConfig:
+    """ViT-aware options for timm attention blocks; each off by default."""
+
+    attn_matmul: bool = False  # quantize q, k, v and the softmax output, not only Linear inputs
+    attn_bits: int = 8  # q, k, v
+    softmax_bits: int = 8  # the attention probabilities
+    softmax_quantizer: str = "uniform"  # uniform | log2 (power-of-two levels: 2^-k * scale)
+    post_ln: str = "off"  # off | reparam (RepQ-ViT: per-channel LN output scales folded to per-tensor)
+    #                       | smooth (SmoothQuant: activation outliers migrated into the next weights)
+    smooth_alpha: float = 0.5  # smooth: migration strength in [0, 1]
+
+
+@dataclass
 class QuantConfig:
     name: str = "w4a8"
     weight: TensorQuantConfig = field(
@@ -72,6 +94,67 @@ class QuantConfig:
     layers: dict[str, Any] = field(default_factory=dict)  # {glob: {w_bits, a_bits, ...}}
     fold_bn: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
+    vit: ViTQuantConfig = field(default_factory=ViTQuantConfig)
+    intops: str = "off"  # off | ivit: integer-only Softmax, GELU and LayerNorm (I-ViT)
+    residual_bits: Optional[int] = 16  # intops=ivit: bit width of the residual stream; null: float
+
+
+@dataclass
+class AdaRoundConfig:
+    """Learned rounding of the quantized weights (Nagel et al. 2020)."""
+
+    mode: str = "off"  # off | layer (each layer's output) | block (each transformer / residual block's output)
+    iters: int = 1000
+    lr: float = 1e-2
+    reg_weight: float = 0.01  # rounding regularizer weight (lambda)
+    beta_start: float = 20.0  # regularizer temperature annealed from beta_start to beta_end
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of iterations with reconstruction loss only
+    num_samples: int = 256  # calibration images used for reconstruction
+    batch_size: int = 32
+    act_quant: bool = False  # reconstruct with the layer inputs quantized
+    rows_per_iter: Optional[int] = None  # fast mode: tokens / rows sampled per iteration; null: whole batch
+    seed: int = 0
+
+
+@dataclass
+class LSQConfig:
+    """Learned step sizes (Esser et al. 2020) fitted to the float output on calibration data."""
+
+    mode: str = "off"  # off | act | weight | both
+    iters: int = 200
+    lr: float = 1e-3
+    num_samples: int = 256
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """Optuna mixed-precision search (``mode=search``)."""
+
+    study_name: Optional[str] = None  # null: the experiment name
+    storage: Optional[str] = None  # null: sqlite:///<project>/optuna.db | journal:PATH | postgresql://...
+    n_trials: int = 40  # finished trials the study should hold, over all workers
+    timeout_s: Optional[float] = None  # this worker stops starting trials after this many seconds
+    sampler: str = "tpe"  # tpe | random | nsga2
+    seed: Optional[int] = 0  # sampler seed; null: nondeterministic (use for several workers)
+    objective: str = "score"  # score (the configured score) | pareto (maximize top-1, minimize size)
+    w_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    a_bits: Optional[list[int]] = None  # null: the recipe's activation bits for every layer
+    allow_float: bool = False  # keeping a layer in float is one of the choices
+    group_by: str = "layer"  # layer | block (one choice per transformer block / stage) | type (per layer kind)
+    layers: list[str] = field(default_factory=lambda: ["*"])  # globs of the layers searched; others keep the recipe
+    warm_start: list[int] = field(default_factory=lambda: [8, 4])  # uniform layouts enqueued first
+    greedy_budget_mb: Optional[float] = None  # sensitivity-guided layout under this size; null: the size of
+    #                                           the uniform layout at the narrowest warm-start width
+    pruner: str = "bound"  # bound: stop a trial that can no longer beat the best | median | none
+    prune_steps: int = 4  # partial evaluations reported per trial
+    trial_images: Optional[int] = None  # test images per trial (a seeded subset); null: all
+    top_k: int = 3  # best layouts re-evaluated on the whole test set at the end
+    heartbeat_s: int = 10  # RDB / journal storage: a trial silent for 2x this is failed and retried
+    retries: int = 2  # times a trial whose worker died is retried
+    best_dir: Optional[str] = None  # where the best layout's experiment YAML goes; null: conf/experiment/best/
 
 
 @dataclass
@@ -148,7 +231,10 @@ class RootConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    mode: str = "run"  # run: quantize, evaluate, export, score, record | analyze: plots + sensitivity
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    lsq: LSQConfig = field(default_factory=LSQConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    mode: str = "run"  # run: quantize, evaluate, export, score, record | analyze: plots + sensitivity | search
     experiment: str = "default"
     seed: int = 0
     device: str = "cpu"
@@ -222,6 +308,70 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     validate_layer_overrides(q.layers)
     _in_range("quant.calib.num_images", q.calib.num_images, 1, 10**7, "need at least 1 calibration image")
     _in_range("quant.calib.batch_size", q.calib.batch_size, 1, 10**5, "batch_size must be >= 1")
+    _bits("quant.vit.attn_bits", q.vit.attn_bits, ACT_BITS, allow_float=False)
+    _bits("quant.vit.softmax_bits", q.vit.softmax_bits, ACT_BITS, allow_float=False)
+    _choice("quant.vit.softmax_quantizer", q.vit.softmax_quantizer, SOFTMAX_QUANTIZERS)
+    _choice("quant.vit.post_ln", q.vit.post_ln, POST_LN_MODES)
+    _in_range("quant.vit.smooth_alpha", q.vit.smooth_alpha, 0.0, 1.0)
+    _choice("quant.intops", q.intops, INTOPS)
+    _bits("quant.residual_bits", q.residual_bits, (8, 32), allow_float=True)
+
+
+def validate_adaround(a: AdaRoundConfig | DictConfig) -> None:
+    _choice("adaround.mode", a.mode, ADAROUND_MODES)
+    _in_range("adaround.iters", a.iters, 1, 10**7, "need at least 1 iteration")
+    _in_range("adaround.lr", a.lr, 1e-12, 10.0, "the learning rate must be in (0, 10]")
+    _in_range("adaround.reg_weight", a.reg_weight, 0.0, 1e6, "must be >= 0")
+    _in_range("adaround.beta_start", a.beta_start, 1e-3, 1e4, "must be > 0")
+    _in_range("adaround.beta_end", a.beta_end, 1e-3, a.beta_start, "must be in (0, adaround.beta_start]")
+    _in_range("adaround.warmup", a.warmup, 0.0, 0.99, "the warm-up fraction must be in [0, 1)")
+    _in_range("adaround.num_samples", a.num_samples, 1, 10**7, "need at least 1 calibration sample")
+    _in_range("adaround.batch_size", a.batch_size, 1, 10**5, "batch_size must be >= 1")
+    if a.rows_per_iter is not None:
+        _in_range("adaround.rows_per_iter", a.rows_per_iter, 1, 10**9, "must be >= 1, or null for whole batches")
+
+
+def validate_lsq(lsq: LSQConfig | DictConfig) -> None:
+    _choice("lsq.mode", lsq.mode, LSQ_MODES)
+    _in_range("lsq.iters", lsq.iters, 1, 10**7, "need at least 1 iteration")
+    _in_range("lsq.lr", lsq.lr, 1e-12, 10.0, "the learning rate must be in (0, 10]")
+    _in_range("lsq.num_samples", lsq.num_samples, 1, 10**7, "need at least 1 calibration sample")
+    _in_range("lsq.batch_size", lsq.batch_size, 1, 10**5, "batch_size must be >= 1")
+
+
+def validate_search(s: SearchConfig | DictConfig) -> None:
+    _in_range("search.n_trials", s.n_trials, 1, 10**7, "need at least 1 trial")
+    if s.timeout_s is not None:
+        _in_range("search.timeout_s", s.timeout_s, 1e-3, 1e9, "must be > 0, or null for no limit")
+    _choice("search.sampler", s.sampler, SAMPLERS)
+    _choice("search.objective", s.objective, OBJECTIVES)
+    _choice("search.group_by", s.group_by, SEARCH_GROUPS)
+    _choice("search.pruner", s.pruner, PRUNERS)
+    if not s.w_bits:
+        raise ConfigError(f"search.w_bits={list(s.w_bits)!r} is not allowed; give at least one weight bit width "
+                          f"in {WEIGHT_BITS[0]}..{WEIGHT_BITS[1]}")
+    for b in s.w_bits:
+        _bits("search.w_bits", b, WEIGHT_BITS, allow_float=False)
+    if s.a_bits is not None:
+        if not s.a_bits:
+            raise ConfigError("search.a_bits=[] is not allowed; give activation bit widths, or null for the recipe's")
+        for b in s.a_bits:
+            _bits("search.a_bits", b, ACT_BITS, allow_float=False)
+    if not s.layers:
+        raise ConfigError("search.layers=[] is not allowed; give module-name globs, e.g. ['*']")
+    for b in s.warm_start:
+        _bits("search.warm_start", b, WEIGHT_BITS, allow_float=False)
+        if b not in s.w_bits:
+            raise ConfigError(f"search.warm_start={list(s.warm_start)} is not allowed; {b} is not in "
+                              f"search.w_bits={list(s.w_bits)}")
+    if s.greedy_budget_mb is not None:
+        _in_range("search.greedy_budget_mb", s.greedy_budget_mb, 1e-9, 1e9, "must be > 0 MB, or null")
+    _in_range("search.prune_steps", s.prune_steps, 1, 1000, "must be >= 1")
+    if s.trial_images is not None:
+        _in_range("search.trial_images", s.trial_images, 1, 10**9, "must be >= 1, or null for all")
+    _in_range("search.top_k", s.top_k, 0, 1000, "must be >= 0")
+    _in_range("search.heartbeat_s", s.heartbeat_s, 1, 3600, "must be >= 1 second")
+    _in_range("search.retries", s.retries, 0, 100, "must be >= 0")
 
 
 def _structured(schema: type, cfg: Any, where: str) -> DictConfig:
@@ -252,6 +402,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("device", out.device, DEVICES)
     _choice("mode", out.mode, MODES)
     _choice("eval.backend", out.eval.backend, BACKENDS)
+    validate_adaround(out.adaround)
+    validate_lsq(out.lsq)
+    validate_search(out.search)
     _bits("analysis.w_bits", out.analysis.w_bits, WEIGHT_BITS, allow_float=False)
     _bits("analysis.a_bits", out.analysis.a_bits, ACT_BITS, allow_float=True)
     _in_range("data.test_fraction", out.data.test_fraction, 0.01, 0.9)

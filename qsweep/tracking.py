@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import time
@@ -80,6 +81,28 @@ class Recorder:
         self.run_id = run.info.run_id
         return self.run_id
 
+    def fork(self) -> "Recorder":
+        """A recorder for another run in the same store and experiment (e.g. a study's trial)."""
+        other = copy.copy(self)
+        other.run_id = None
+        return other
+
+    def attach(self, run_id: str) -> None:
+        """Record into an existing run (a study's parent run, joined by a second worker)."""
+        self.run_id = run_id
+
+    def sweep_parent(self, sweep: str, experiment: str) -> str:
+        """The run that holds a Hydra multirun's jobs, found by its sweep directory or created."""
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`qsweep.sweep` = '{sweep}'",
+                                        max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep:{experiment}:{Path(sweep).name}",
+                                     tags={"qsweep.sweep": sweep, "qsweep.kind": "sweep", "experiment": experiment})
+        return run.info.run_id
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:_PARAM_VALUE_MAX]) for k, v in params.items()]
         for i in range(0, len(items), _PARAM_CHUNK):
@@ -103,3 +126,7 @@ class Recorder:
         if error is not None:
             self.set_tags({"error": error[:5000]})
         self.client.set_terminated(self.run_id, status="FAILED" if error is not None else "FINISHED")
+
+    def close_parent(self, parent_run_id: str) -> None:
+        """Mark a parent (sweep or study) run finished; a later job or worker may reopen it."""
+        self.client.set_terminated(parent_run_id, status="FINISHED")

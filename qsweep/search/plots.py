@@ -1,0 +1,83 @@
+"""A study's pictures: size/accuracy Pareto front, bit-layout heat map, optimization history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (top-1, size) no other point beats on both (higher top-1, smaller size)."""
+    front = []
+    for i, (acc, size) in enumerate(points):
+        dominated = any((a >= acc and s <= size) and (a > acc or s < size) for a, s in points)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][1])
+
+
+def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path, title: str) -> Path:
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    acc = [p[0] for p in points]
+    size = [p[1] for p in points]
+    ax.scatter(size, acc, s=18, c="0.6", label="trials")
+    ax.plot([size[i] for i in front], [acc[i] for i in front], "o-", c="C3", label="Pareto front")
+    for i in front:
+        ax.annotate(labels[i], (size[i], acc[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("artifact size (MB)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layout_heatmap(layers: list[str], layouts: list[dict[str, int]], labels: list[str], path: Path,
+                        title: str) -> Path:
+    """Layers (rows) x trials (columns, best first), each cell the layer's weight width."""
+    widths = sorted({b for layout in layouts for b in layout.values()})
+    grid = np.array([[widths.index(layout[name]) for layout in layouts] for name in layers], dtype=float)
+    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, len(widths))))
+    norm = BoundaryNorm(np.arange(len(widths) + 1) - 0.5, len(widths))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(layouts) + 3), max(3, 0.22 * len(layers) + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xticks(range(len(layouts)), labels, rotation=90, fontsize=7)
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(widths)))
+    bar.ax.set_yticklabels(["float" if w == 32 else f"{w} bit" for w in widths])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_history(numbers: list[int], values: list[float], pruned: list[bool], path: Path, ylabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
+    cut = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
+    if done:
+        ax.scatter(*zip(*done), s=16, c="C0", label="complete")
+        order = sorted(done)
+        best = np.maximum.accumulate([v for _, v in order])
+        ax.step([n for n, _ in order], best, where="post", c="C3", label="best so far")
+    if cut:
+        ax.scatter(*zip(*cut), s=16, c="0.6", marker="x", label="pruned (last partial value)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

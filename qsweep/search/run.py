@@ -1,0 +1,212 @@
+"""``mode=search``: one worker of a study, from config to the best layout's run."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from torch.utils.data import DataLoader, Subset
+
+import qsweep
+from qsweep.analysis.sensitivity import sensitivity, sensitivity_key
+from qsweep.app import prepare_job, run, run_tags
+from qsweep.evaluate import evaluate
+from qsweep.models.cache import cache_dir as resolve_cache_dir
+from qsweep.report import format_table
+from qsweep.search.greedy import greedy_layout, layer_noise
+from qsweep.search.plots import pareto_front, plot_history, plot_layout_heatmap, plot_pareto
+from qsweep.search.space import SearchSpace
+from qsweep.search.storage import has_heartbeat, open_storage, redact, resolve
+from qsweep.search.study import (
+    Worker, best_experiment_yaml, close_stale_runs, counts, layer_names_of, open_study, print_front,
+    score_function, trial_rows, work, write_trials_csv,
+)
+from qsweep.search.trials import LayoutModels, TrialImages
+from qsweep.tracking import Recorder, flatten
+
+# Images for the greedy seed's per-layer SQNR: enough for a stable ranking, cheap for DeiT-S.
+SENSITIVITY_IMAGES = 128
+
+
+def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str | None = None) -> dict[str, Any]:
+    """Run this worker's share of the study ``search.study_name`` and, once it is complete, its summary.
+
+    Storage and space are checked before any trial: an unreachable storage or a study of the
+    same name with another search space is an error. Returns the result also written to
+    ``search.json``.
+    """
+    s = cfg.search
+    name = s.study_name or cfg.experiment
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints one line of its own
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = open_storage(s.storage, project_dir, s.heartbeat_s, s.retries)
+    job = prepare_job(cfg, None)
+    space = SearchSpace.build(layer_names_of(job.model, cfg), s)
+    score_of = score_function(cfg, job.fp_size_mb, job.fp.top1)
+    fingerprint = space.fingerprint({
+        "objective": s.objective, "score": OmegaConf.to_container(cfg.score), "data": job.bundle.fingerprint,
+        "model": job.fp_key, "recipe": OmegaConf.to_container(cfg.quant), "trial_images": s.trial_images,
+        "adaround": OmegaConf.to_container(cfg.adaround), "lsq": OmegaConf.to_container(cfg.lsq),
+    })
+    study = open_study(name, storage, s, fingerprint, score_of)
+    print(f"study {name!r} at {redact(resolve(s.storage, project_dir))}: {space.describe()}; "
+          f"{counts(study)[TrialState.COMPLETE]} complete trials so far", flush=True)
+
+    parent = _parent_recorder(cfg, study, name, project_dir, sweep)
+    models = LayoutModels(job.model, cfg.quant, job.calib, space, cfg.adaround, cfg.lsq, progress=cfg.progress)
+    images = TrialImages.from_dataset(job.loader.dataset, s.trial_images, cfg.data.eval_batch_size, seed=s.seed or 0)
+    if not study.trials:
+        _warm_start(cfg, study, space, models, job)
+    backend = "fake" if cfg.eval.backend == "fake" else "int"
+    tags = {**run_tags(cfg), "qsweep.study": name, "weights": job.weights}
+    worker = Worker(cfg, space, models, images, score_of, backend, job.device, parent, tags)
+    try:
+        work(study, worker, has_heartbeat(storage))
+    finally:
+        if parent is not None:
+            close_stale_runs(study, parent)
+    return _summarize(cfg, study, space, models, job, score_of, parent, output_dir, name)
+
+
+def _parent_recorder(cfg: DictConfig, study: optuna.Study, name: str, project_dir: Path,
+                     sweep: str | None) -> Recorder | None:
+    """The study's MLflow run: created by the first worker, joined (by its id in the study) by the others."""
+    if not cfg.tracking.enabled:
+        return None
+    rec = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, project_dir)
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id is not None:
+        rec.attach(run_id)
+        rec.client.update_run(run_id, status="RUNNING")
+        return rec
+    sweep_parent = rec.sweep_parent(sweep, cfg.experiment) if sweep else None
+    rec.start(f"study:{name}", {**run_tags(cfg), "qsweep.kind": "study", "qsweep.study": name},
+              parent_run_id=sweep_parent)
+    rec.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    study.set_user_attr("mlflow_parent_run_id", rec.run_id)
+    return rec
+
+
+def _warm_start(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models: LayoutModels, job) -> None:
+    """Uniform layouts, then the sensitivity-guided greedy layout, ahead of the sampler."""
+    s = cfg.search
+    seeds = [space.uniform(w) for w in s.warm_start]
+    if s.warm_start or s.greedy_budget_mb is not None:
+        budget = s.greedy_budget_mb or models.estimate_mb(space.uniform(min(s.warm_start)))
+        rows = sensitivity(job.model, cfg.quant, job.calib, first_images(job.loader, SENSITIVITY_IMAGES), job.bundle.num_classes,
+                           resolve_cache_dir(cfg.cache_dir),
+                           sensitivity_key(job.model, f"{job.fp_key}-first{SENSITIVITY_IMAGES}", cfg.quant,
+                                           cfg.analysis.w_bits, cfg.analysis.a_bits),
+                           w_bits=cfg.analysis.w_bits, a_bits=cfg.analysis.a_bits, progress=cfg.progress)
+        greedy = greedy_layout(space, layer_noise(rows, cfg.analysis.w_bits), models.estimate_mb, budget)
+        seeds.append(greedy)
+        print(f"warm start: greedy layout under {budget:.4f} MB from per-layer sensitivity "
+              f"(estimated {models.estimate_mb(greedy):.4f} MB)", flush=True)
+    seen = set()
+    for layout in seeds:
+        params = space.params(layout)
+        key = json.dumps(params, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            study.enqueue_trial(params, user_attrs={"seed": "warm start"})
+
+
+def first_images(loader: DataLoader, limit: int) -> DataLoader:
+    dataset = loader.dataset
+    if len(dataset) > limit:
+        dataset = Subset(dataset, range(limit))
+    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=False)
+
+
+def _summarize(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models: LayoutModels, job,
+               score_of, parent: Recorder | None, out: Path, name: str) -> dict[str, Any]:
+    """Tables and plots of the study; once it is complete, the top layouts on the whole test set and the best run."""
+    s = cfg.search
+    rows = trial_rows(study, space)
+    complete = [r for r in rows if r["state"] == "complete"]
+    n = counts(study)
+    result: dict[str, Any] = {"study": name, "complete": n[TrialState.COMPLETE], "pruned": n[TrialState.PRUNED],
+                              "failed": n[TrialState.FAIL], "output_dir": str(out)}
+    if not complete:
+        (out / "search.json").write_text(json.dumps(result, indent=2))
+        return result
+    files = [write_trials_csv(rows, space, out / "trials.csv")]
+    points = [(r["top1"], r["size_mb"]) for r in complete]
+    front = pareto_front(points)
+    labels = [f"#{r['trial']}" for r in complete]
+    files.append(plot_pareto(points, labels, out / "pareto.png", f"study {name}: top-1 vs size"))
+    ranked = sorted(complete, key=lambda r: (-r["score"], r["size_mb"]))
+    top = ranked[:30]
+    files.append(plot_layout_heatmap(space.layers, [r["layout"] for r in top],
+                                     [f"#{r['trial']} {r['score']:g}" for r in top], out / "layout_heatmap.png",
+                                     f"study {name}: weight widths of the best {len(top)} trials"))
+    history = [r for r in rows if r["score"] is not None or r["state"] == "pruned"]
+    files.append(plot_history([r["trial"] for r in history],
+                              [r["score"] if r["score"] is not None else float("nan") for r in history],
+                              [r["state"] == "pruned" for r in history], out / "history.png", f"{cfg.score.name} score"))
+    print_front(complete, front)
+    result.update(pareto=[{k: complete[i][k] for k in ("trial", "top1", "size_mb", "score")} for i in front])
+
+    finals = _reevaluate(cfg, ranked[: max(1, s.top_k)], space, models, job, score_of) if s.top_k else [
+        {**ranked[0], "full_top1": ranked[0]["top1"], "full_score": ranked[0]["score"]}]
+    best = max(finals, key=lambda r: (r["full_score"], -r["size_mb"]))
+    layers = {**OmegaConf.to_container(cfg.quant.layers), **space.overrides(space.layout_of(best["params"]))}
+    best_name = f"{name}_best"
+    header = [f"Best layout of study {name!r}: trial {best['trial']}, score {best['full_score']:g}, "
+              f"top-1 {best['full_top1']:.2f} % on {job.fp.images} test images, {best['size_mb']:.4f} MB.",
+              f"Reproduce: python -m qsweep +experiment=best/{best_name}"]
+    text = best_experiment_yaml(cfg, layers, best_name, header)
+    best_dir = Path(s.best_dir) if s.best_dir else Path(qsweep.__file__).resolve().parent.parent / "conf" / "experiment" / "best"
+    best_dir.mkdir(parents=True, exist_ok=True)
+    yaml_path = best_dir / f"{best_name}.yaml"
+    yaml_path.write_text(text)
+    (out / f"{best_name}.yaml").write_text(text)
+    files.append(out / f"{best_name}.yaml")
+    result.update(best_trial=best["trial"], best_score=best["full_score"], best_top1=best["full_top1"],
+                  best_size_mb=best["size_mb"], best_yaml=str(yaml_path),
+                  top=[{k: r[k] for k in ("trial", "score", "top1", "full_top1", "full_score", "size_mb")}
+                       for r in finals])
+    print("top layouts on the whole test set\n" + format_table(
+        [(f"trial {r['trial']}", f"score {r['full_score']:g} (trial {r['score']:g}), top-1 {r['full_top1']:.2f} %, "
+                                 f"{r['size_mb']:.4f} MB") for r in finals]), flush=True)
+    print(f"best layout written to {yaml_path}", flush=True)
+    if parent is not None:
+        parent.log_metrics({"best_score": best["full_score"], "best_top1": best["full_top1"],
+                            "best_size_mb": best["size_mb"], "best_trial": best["trial"],
+                            "trials_complete": n[TrialState.COMPLETE], "trials_pruned": n[TrialState.PRUNED],
+                            "trials_failed": n[TrialState.FAIL], "fp_top1": job.fp.top1,
+                            "fp32_size_mb": job.fp_size_mb})
+        parent.set_tags({"best_layout": json.dumps(best["layout"])[:5000]})
+        for path in files:
+            parent.log_artifact(path)
+    if cfg.export.enabled:
+        best_cfg = OmegaConf.merge(cfg, OmegaConf.create({
+            "mode": "run", "experiment": best_name,
+            "quant": {"name": best_name},
+            "tracking": {"run_name": f"study:{name}:best"},
+        }))
+        best_cfg.quant.layers = layers
+        result["best_run"] = run(best_cfg, out / "best", parent_run_id=parent.run_id if parent else None)
+    if parent is not None:
+        parent.close_parent(parent.run_id)
+    (out / "search.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _reevaluate(cfg: DictConfig, rows: list[dict[str, Any]], space: SearchSpace, models: LayoutModels, job,
+                score_of) -> list[dict[str, Any]]:
+    """The best trials' layouts on the whole configured test set (trials may have seen a subset)."""
+    backend = "fake" if cfg.eval.backend == "fake" else "int"
+    out = []
+    for r in rows:
+        models.apply(space.layout_of(r["params"]))
+        runner, _ = models.runner(backend)
+        result = evaluate(runner, job.loader, job.bundle.num_classes, job.device, cfg.progress,
+                          desc=f"re-evaluate trial {r['trial']}")
+        out.append({**r, "full_top1": result.top1, "full_score": score_of(r["size_mb"], result.top1)})
+    return out

@@ -1,0 +1,123 @@
+"""The search space: which layers are searched, how they are tied into groups, which widths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from qsweep.config import ConfigError
+from qsweep.quant.plan import matches
+
+FLOAT = 32  # the "keep in float" choice, as a bit width a table can sort
+
+# A path component that is an index ("blocks.3", "layer2.1", "stages.0") ends a block prefix.
+_INDEX = re.compile(r"^\d+$")
+
+
+def block_of(name: str) -> str:
+    """``blocks.3.attn.qkv`` -> ``blocks.3``; ``layer2.1.conv1`` -> ``layer2.1``; ``head`` -> ``head``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if _INDEX.match(part):
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def type_of(name: str) -> str:
+    """The layer's role without its block index: ``blocks.3.attn.qkv`` -> ``attn.qkv``."""
+    block = block_of(name)
+    return name[len(block) + 1:] if block != name else name
+
+
+GROUPERS = {"layer": lambda n: n, "block": block_of, "type": type_of}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Groups of layers that share one weight (and optionally activation) width per trial."""
+
+    groups: dict[str, tuple[str, ...]]  # group name -> layer names, in model order
+    w_choices: tuple[int, ...]  # FLOAT included where allowed
+    a_choices: tuple[int, ...] | None  # None: activations keep the recipe's width
+
+    @classmethod
+    def build(cls, layer_names: list[str], search: Any) -> "SearchSpace":
+        """``layer_names``: the recipe's quantized-weight layers in model order; ``search``: the search config."""
+        picked = [n for n in layer_names if any(matches(n, p) for p in search.layers)]
+        if not picked:
+            raise ConfigError(f"search.layers={list(search.layers)} matches none of the quantized layers; "
+                              f"first layer names: {layer_names[:6]}")
+        groups: dict[str, list[str]] = {}
+        for name in picked:
+            groups.setdefault(GROUPERS[search.group_by](name), []).append(name)
+        w = tuple(sorted(set(int(b) for b in search.w_bits))) + ((FLOAT,) if search.allow_float else ())
+        a = tuple(sorted(set(int(b) for b in search.a_bits))) if search.a_bits else None
+        return cls({g: tuple(names) for g, names in groups.items()}, w, a)
+
+    @property
+    def layers(self) -> list[str]:
+        return [n for names in self.groups.values() for n in names]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, dict[str, int]]:
+        """Ask ``trial`` for one width per group; returns the layout ``{group: {"w": bits, "a": bits}}``."""
+        layout = {}
+        for group in self.groups:
+            choice = {"w": trial.suggest_categorical(f"w:{group}", list(self.w_choices))}
+            if self.a_choices is not None and choice["w"] != FLOAT:
+                choice["a"] = trial.suggest_categorical(f"a:{group}", list(self.a_choices))
+            layout[group] = choice
+        return layout
+
+    def params(self, layout: dict[str, dict[str, int]]) -> dict[str, int]:
+        """The Optuna params that make ``suggest`` return ``layout`` (for ``enqueue_trial``)."""
+        out = {}
+        for group, choice in layout.items():
+            out[f"w:{group}"] = choice["w"]
+            if "a" in choice:
+                out[f"a:{group}"] = choice["a"]
+        return out
+
+    def layout_of(self, params: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """The layout a finished trial's ``params`` describe."""
+        layout = {}
+        for group in self.groups:
+            choice = {"w": int(params[f"w:{group}"])}
+            if f"a:{group}" in params:
+                choice["a"] = int(params[f"a:{group}"])
+            layout[group] = choice
+        return layout
+
+    def uniform(self, w_bits: int) -> dict[str, dict[str, int]]:
+        """Every group at ``w_bits``, activations at the widest searched width."""
+        a = {"a": max(self.a_choices)} if self.a_choices is not None else {}
+        return {g: {"w": w_bits, **a} for g in self.groups}
+
+    def per_layer(self, layout: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        """``{layer: {"w": bits, "a": bits}}`` from a group layout."""
+        return {name: layout[g] for g, names in self.groups.items() for name in names}
+
+    def overrides(self, layout: dict[str, dict[str, int]]) -> dict[str, dict[str, int | None]]:
+        """The layout as ``quant.layers`` overrides (float = ``w_bits: null, a_bits: null``)."""
+        out: dict[str, dict[str, int | None]] = {}
+        for name, choice in self.per_layer(layout).items():
+            if choice["w"] == FLOAT:
+                out[name] = {"w_bits": None, "a_bits": None}
+            else:
+                out[name] = {"w_bits": choice["w"], **({"a_bits": choice["a"]} if "a" in choice else {})}
+        return out
+
+    def fingerprint(self, extra: dict[str, Any]) -> str:
+        """Identifies the space (and ``extra``: objective, model, data); a resumed study must match it."""
+        blob = json.dumps({"groups": self.groups, "w": self.w_choices, "a": self.a_choices, **extra},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        a = f", activation widths {list(self.a_choices)}" if self.a_choices else ""
+        widths = ["float" if b == FLOAT else b for b in self.w_choices]
+        return f"{len(self.groups)} groups over {len(self.layers)} layers, weight widths {widths}{a}"

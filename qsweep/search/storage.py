@@ -1,0 +1,63 @@
+"""Where a study lives: SQLite by default, a journal file, or an RDB URL shared by many machines."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+from qsweep.errors import QsweepError
+
+JOURNAL_PREFIX = "journal:"
+
+
+class StorageError(QsweepError):
+    """The study storage cannot be opened, or holds a study that does not fit this search."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def resolve(spec: str | None, project_dir: Path) -> str:
+    """``search.storage`` as a full spec: None -> ``sqlite:///<project>/optuna.db``."""
+    return spec or f"sqlite:///{(project_dir / 'optuna.db').resolve()}"
+
+
+def open_storage(spec: str | None, project_dir: Path, heartbeat_s: int, retries: int) -> optuna.storages.BaseStorage:
+    """Open (and create) the storage; RDB storages get heartbeats so a dead worker's trial is retried.
+
+    Raises :class:`StorageError` naming the storage if it cannot be reached.
+    """
+    url = resolve(spec, project_dir)
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise StorageError(f"search.storage={url!r}: cannot open the journal file: {exc}") from None
+    if "://" not in url:
+        raise StorageError(f"search.storage={url!r} is not allowed; give null (SQLite in the project), "
+                           f"'journal:PATH' or an RDB URL such as 'sqlite:///optuna.db' or "
+                           f"'postgresql://user:password@host/db'")
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True, **({"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})},
+            heartbeat_interval=heartbeat_s,
+            grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries),
+        )
+    except Exception as exc:  # sqlalchemy raises many kinds: driver missing, refused, auth, bad URL
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"search.storage={redact(url)!r} cannot be reached: {reason}") from None
+
+
+def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether a dead worker's trial is detected (and retried) by this storage."""
+    return isinstance(storage, RDBStorage)

@@ -1,0 +1,161 @@
+"""Cheap trials: any layout of a space assembled from caches, measured, and evaluated in steps.
+
+Activations are calibrated once (per searched activation width) and every weight width is
+quantized once, so a trial costs one size measurement plus one evaluation of the trial images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from qsweep.config import quant_recipe
+from qsweep.export import artifact_size_mb
+from qsweep.quant.calibrate import quantize
+from qsweep.quant.intkernel import to_int_backend
+from qsweep.quant.packed import PackedWeight
+from qsweep.search.space import FLOAT, SearchSpace
+
+
+def recipe_with(recipe: DictConfig, layers: Iterable[str], **override: int | None) -> DictConfig:
+    """``recipe`` with ``override`` (``w_bits`` / ``a_bits``) applied to every layer in ``layers``."""
+    plain = OmegaConf.to_container(recipe, resolve=True)
+    plain["layers"] = {**plain.get("layers", {}), **{name: dict(override) for name in layers}}
+    return quant_recipe(plain)
+
+
+@dataclass
+class TrialImages:
+    """The trial evaluation set held in memory as batches, in a seeded random order.
+
+    A random order makes every prefix an unbiased sample, so a partial evaluation after any
+    step estimates the accuracy a pruner can act on.
+    """
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def from_dataset(cls, dataset, limit: int | None, batch_size: int, seed: int) -> "TrialImages":
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        if limit is not None:
+            order = order[:limit]
+        loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)
+        return cls([(x, y) for x, y in loader])
+
+    @property
+    def images(self) -> int:
+        return sum(len(y) for _, y in self.batches)
+
+    def steps(self, n: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The batches cut into ``n`` consecutive steps of near-equal size (fewer if there are fewer batches)."""
+        n = max(1, min(n, len(self.batches)))
+        bounds = [round(i * len(self.batches) / n) for i in range(n + 1)]
+        return [self.batches[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+class LayoutModels:
+    """Quantized models for the layouts of ``space``, from one calibration and one weight pass per width.
+
+    The working model starts from the recipe with every searched layer at the widest weight
+    width; a layout swaps in cached weight codes, activation quantizers and float layers.
+    """
+
+    def __init__(self, model: nn.Module, recipe: DictConfig, calib: list[Any], space: SearchSpace,
+                 adaround: Any = None, lsq: Any = None, progress: bool = False):
+        self.space = space
+        widths = [w for w in space.w_choices if w != FLOAT]
+        top_w = max(widths)
+        a_default = max(space.a_choices) if space.a_choices else None
+        a_override = {"a_bits": a_default} if a_default is not None else {}
+        learned = any(c is not None and c.mode != "off" for c in (adaround, lsq))
+        reconstruct = {"adaround": adaround, "lsq": lsq} if learned else {}
+        # Weights need calibration data only where AdaRound / LSQ learn from it.
+        weight_calib = calib if learned else calib[:1]
+
+        self.model = quantize(model, recipe_with(recipe, space.layers, w_bits=top_w, **a_override), calib,
+                              progress=progress, **reconstruct)
+        self.quant_modules = {n: self.model.get_submodule(n) for n in space.layers}
+        self.weights = {(n, top_w): m.qweight for n, m in self.quant_modules.items()}
+        for w in widths:
+            if w == top_w:
+                continue
+            base = quantize(model, recipe_with(recipe, space.layers, w_bits=w, **a_override), weight_calib,
+                            **reconstruct)
+            self.weights.update({(n, w): base.get_submodule(n).qweight for n in space.layers})
+        self.acts = {(n, a_default): m.act for n, m in self.quant_modules.items()}
+        for a in space.a_choices or ():
+            if a == a_default:
+                continue
+            base = quantize(model, recipe_with(recipe, space.layers, w_bits=top_w, a_bits=a), calib, **reconstruct)
+            self.acts.update({(n, a): base.get_submodule(n).act for n in space.layers})
+        self.floats: dict[str, nn.Module] = {}
+        if FLOAT in space.w_choices:
+            base = quantize(model, recipe_with(recipe, space.layers, w_bits=None, a_bits=None), calib[:1])
+            self.floats = {n: base.get_submodule(n) for n in space.layers}
+        self.param_counts = {n: m.weight.numel() for n, m in self.quant_modules.items()}
+        self.packed_bytes = {key: _packed_bytes(q) for key, q in self.weights.items()}
+        self._fixed_mb = artifact_size_mb(self.model) - sum(
+            self.packed_bytes[(n, top_w)] for n in space.layers) / 1e6
+        self._float_bytes = {n: sum(t.numel() * t.element_size() for t in m.state_dict().values())
+                             for n, m in self.floats.items()}
+        self._current: dict[str, dict[str, int]] = {}
+
+    def apply(self, layout: dict[str, dict[str, int]]) -> nn.Module:
+        """The working model set to ``layout`` (in place; returned for convenience)."""
+        for name, choice in self.space.per_layer(layout).items():
+            if self._current.get(name) == choice:
+                continue
+            if choice["w"] == FLOAT:
+                self.model.set_submodule(name, self.floats[name])
+            else:
+                module = self.quant_modules[name]
+                self.model.set_submodule(name, module)
+                if module.qweight is not self.weights[(name, choice["w"])]:
+                    module.set_qweight(self.weights[(name, choice["w"])])
+                if "a" in choice:
+                    module.act = self.acts[(name, choice["a"])]
+            self._current[name] = dict(choice)
+        return self.model
+
+    def size_mb(self) -> float:
+        """The artifact size of the current layout as the grader measures it."""
+        return artifact_size_mb(self.model)
+
+    def estimate_mb(self, layout: dict[str, dict[str, int]]) -> float:
+        """The artifact size from cached per-layer packed sizes, without serializing (for planning)."""
+        total = self._fixed_mb * 1e6
+        for name, choice in self.space.per_layer(layout).items():
+            total += self._float_bytes[name] if choice["w"] == FLOAT else self.packed_bytes[(name, choice["w"])]
+        return total / 1e6
+
+    def runner(self, backend: str) -> tuple[nn.Module, dict[str, str]]:
+        """The model to evaluate: the integer-kernel copy (``int``) or the fake-quant model itself."""
+        return to_int_backend(self.model) if backend == "int" else (self.model, {})
+
+
+def _packed_bytes(qweight) -> int:
+    return sum(t.numel() * t.element_size() for t in PackedWeight(qweight).state_dict().values())
+
+
+@torch.no_grad()
+def evaluate_in_steps(model: nn.Module, images: TrialImages, steps: int, device: torch.device,
+                      on_step: Callable[[int, int, int], None]) -> tuple[int, int]:
+    """Top-1 over ``images`` in ``steps`` parts, calling ``on_step(step, correct, seen)`` after each.
+
+    ``on_step`` may raise (e.g. ``optuna.TrialPruned``) to stop early. Returns ``(correct, seen)``.
+    """
+    correct = seen = 0
+    model.eval()
+    for step, part in enumerate(images.steps(steps)):
+        for x, y in part:
+            logits = model(x.to(device))
+            correct += int((logits.argmax(-1).cpu() == y).sum())
+            seen += len(y)
+        on_step(step, correct, seen)
+    return correct, seen

@@ -1,0 +1,231 @@
+"""The mixed-precision search: space, cached layouts, greedy seed, and whole studies on the digits ViT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+import qsweep
+from qsweep import app
+from qsweep.config import ConfigError, QuantConfig, RootConfig, quant_recipe
+from qsweep.data import calibration_batches
+from qsweep.export import export_artifact, state_dict_size_mb
+from qsweep.search.greedy import greedy_layout, layer_noise
+from qsweep.search.plots import pareto_front
+from qsweep.search.space import FLOAT, SearchSpace, block_of, type_of
+from qsweep.search.storage import StorageError
+from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+LAYERS = ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1",
+          "head"]
+
+
+def space_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(RootConfig).search, kw)
+
+
+def compose_search(tmp_path, *overrides, study="s"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[
+            "+experiment=digits_mixed_search", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false",
+            f"search.storage=sqlite:///{tmp_path}/optuna.db", f"search.best_dir={tmp_path}/experiment/best",
+            f"search.study_name={study}", "export.enabled=false", *overrides])
+
+
+def test_groups_by_layer_block_and_type():
+    assert block_of("blocks.3.attn.qkv") == "blocks.3" and block_of("layer2.1.conv1") == "layer2.1"
+    assert block_of("head") == "head" and type_of("blocks.3.mlp.fc2") == "mlp.fc2" and type_of("head") == "head"
+    by_block = SearchSpace.build(LAYERS, space_cfg(group_by="block"))
+    assert list(by_block.groups) == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
+    by_type = SearchSpace.build(LAYERS, space_cfg(group_by="type"))
+    assert by_type.groups["attn.qkv"] == ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
+    some = SearchSpace.build(LAYERS, space_cfg(layers=["blocks.*"]))
+    assert some.layers == LAYERS[1:5]
+    with pytest.raises(ConfigError, match="search.layers"):
+        SearchSpace.build(LAYERS, space_cfg(layers=["decoder.*"]))
+
+
+def test_layout_round_trips_through_params_and_becomes_overrides():
+    space = SearchSpace.build(LAYERS, space_cfg(group_by="block", a_bits=[4, 8], allow_float=True))
+    assert space.w_choices == (2, 3, 4, 5, 6, 8, FLOAT) and space.a_choices == (4, 8)
+    study = optuna.create_study(direction="maximize")
+    layout = {"patch_embed.proj": {"w": 8, "a": 8}, "blocks.0": {"w": 3, "a": 4}, "blocks.1": {"w": FLOAT},
+              "head": {"w": 5, "a": 8}}
+    study.enqueue_trial(space.params(layout))
+    trial = study.ask()
+    assert space.suggest(trial) == layout
+    assert space.layout_of(trial.params) == layout
+    overrides = space.overrides(layout)
+    assert overrides["blocks.0.mlp.fc1"] == {"w_bits": 3, "a_bits": 4}
+    assert overrides["blocks.1.attn.qkv"] == {"w_bits": None, "a_bits": None}
+    assert space.fingerprint({"x": 1}) != space.fingerprint({"x": 2})
+
+
+def test_greedy_narrows_the_least_sensitive_layers_first_and_meets_the_budget():
+    space = SearchSpace.build(["a", "b", "c"], space_cfg(w_bits=[2, 4, 8]))
+    rows = [{"name": "a", "output_sqnr_db": 10.0}, {"name": "b", "output_sqnr_db": 40.0},
+            {"name": "c", "output_sqnr_db": 30.0}]
+    size = {2: 1.0, 4: 2.0, 8: 4.0}  # MB per layer at each width
+
+    def size_of(layout):
+        return sum(size[c["w"]] for c in layout.values())
+
+    layout = greedy_layout(space, layer_noise(rows, ref_bits=4), size_of, budget_mb=8.0)
+    assert size_of(layout) <= 8.0
+    assert layout["a"]["w"] == 8  # the sensitive layer keeps its width; b (least sensitive) goes lowest
+    assert layout["b"]["w"] <= layout["c"]["w"] <= layout["a"]["w"]
+    assert size_of(greedy_layout(space, layer_noise(rows, 4), size_of, budget_mb=0.1)) == 3.0  # narrowest
+
+
+def test_pareto_front():
+    points = [(90.0, 1.0), (95.0, 2.0), (94.0, 3.0), (80.0, 0.5), (95.0, 1.5)]
+    assert pareto_front(points) == [3, 0, 4]
+
+
+@pytest.fixture(scope="module")
+def layout_models(digits_vit, digits_bundle):
+    recipe = quant_recipe(QuantConfig())
+    calib = calibration_batches(digits_bundle, recipe.calib)
+    space = SearchSpace.build([n for n, m in digits_vit.named_modules() if isinstance(m, torch.nn.Linear)
+                               or isinstance(m, torch.nn.Conv2d)], space_cfg(w_bits=[2, 4, 8], allow_float=True))
+    models = LayoutModels(digits_vit, recipe, calib, space)
+    images = TrialImages.from_dataset(digits_bundle.test, 96, 32, seed=0)
+    return models, space, recipe, calib, images
+
+
+def test_a_cached_layout_has_the_codes_and_size_of_a_fresh_quantization(layout_models, digits_vit):
+    models, space, recipe, calib, images = layout_models
+    layout = {g: {"w": (2, 4, 8)[i % 3]} for i, g in enumerate(space.groups)}
+    layout["head"] = {"w": FLOAT}
+    model = models.apply(layout)
+    overrides = space.overrides(layout)
+    fresh = qsweep.quantize(digits_vit, {**OmegaConf.to_container(recipe), "layers": overrides}, calib)
+    for name, choice in space.per_layer(layout).items():
+        ours, theirs = model.get_submodule(name), fresh.get_submodule(name)
+        if choice["w"] == FLOAT:
+            assert getattr(ours, "qweight", None) is None and torch.equal(ours.weight, theirs.weight)
+        else:
+            assert ours.w_bits == choice["w"] and torch.equal(ours.qweight.codes, theirs.qweight.codes)
+    # the size the trial reports is what the grader measures on the exported program
+    exported = state_dict_size_mb(export_artifact(model, images.batches[0][0]).module())
+    assert models.size_mb() == pytest.approx(exported, abs=1e-4)  # within 100 bytes
+    assert models.estimate_mb(layout) == pytest.approx(exported, rel=0.02)
+    # at the widest layout activations were calibrated exactly as a fresh run does: same logits
+    top = models.apply(space.uniform(8))
+    fresh8 = qsweep.quantize(digits_vit, {**OmegaConf.to_container(recipe), "layers": space.overrides(
+        space.uniform(8))}, calib)
+    x = images.batches[0][0]
+    assert torch.equal(top(x), fresh8(x))
+
+
+def test_accuracy_falls_with_width_and_steps_report_partial_accuracy(layout_models):
+    models, space, _, _, images = layout_models
+    accs = {}
+    for bits in (8, 4, 2):
+        models.apply(space.uniform(bits))
+        runner, fallbacks = models.runner("int")
+        assert not fallbacks
+        seen_steps = []
+        correct, seen = evaluate_in_steps(runner, images, 3, torch.device("cpu"),
+                                          lambda step, c, n: seen_steps.append(n))
+        assert seen == images.images == 96 and seen_steps == sorted(seen_steps) and len(seen_steps) == 3
+        accs[bits] = correct / seen
+    assert accs[8] >= accs[4] >= accs[2] and accs[8] > accs[2]
+
+
+def study_of(tmp_path, name="s"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits_vit):
+    result = app.run(compose_search(tmp_path, "search.n_trials=5", "search.top_k=2"), tmp_path / "out")
+    study = study_of(tmp_path)
+    states = [t.state for t in study.trials]
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 5
+    # warm start: all-8, all-4 and the greedy layout ran first
+    assert set(study.trials[0].params.values()) == {8} and set(study.trials[1].params.values()) == {4}
+    assert result["best_score"] >= max(t.user_attrs["score"] for t in study.trials[:2] if "score" in t.user_attrs) - 2
+    yaml_path = Path(result["best_yaml"])
+    assert yaml_path.exists() and yaml_path.read_text().startswith("# @package _global_")
+    assert (tmp_path / "out" / "pareto.png").exists() and (tmp_path / "out" / "layout_heatmap.png").exists()
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("qsweep")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("qsweep.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 5 and all(r.info.status == "FINISHED" for r in children)
+    assert all("size_mb" in r.data.metrics and "pruned" in r.data.metrics for r in children)
+    assert parent.data.metrics["best_score"] == result["best_score"]
+    assert {"pareto.png", "layout_heatmap.png", "history.png", "trials.csv", "s_best.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # the same study name resumes: 2 more trials, under the same parent run
+    result = app.run(compose_search(tmp_path, "search.n_trials=7", "search.top_k=0"), tmp_path / "out2")
+    study = study_of(tmp_path)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 7
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("qsweep.kind") == "study"]) == 1
+
+    # the best layout is a ready experiment: an ordinary run reproduces it
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "+experiment=best/s_best",
+                                           "tracking.enabled=false", "progress=false"])
+    best = app.run(cfg, tmp_path / "best")
+    assert best["size_mb"] == pytest.approx(result["best_size_mb"], abs=1e-6)
+    # a fresh run calibrates activations on its own weights, trials on the widest ones: close, not equal
+    assert best["top1"] == pytest.approx(result["best_top1"], abs=1.5)
+
+
+def test_a_study_of_the_same_name_with_another_space_is_refused(tmp_path, digits_vit):
+    app.run(compose_search(tmp_path, "search.n_trials=1", "search.warm_start=[8]", "search.top_k=0"), tmp_path / "a")
+    with pytest.raises(StorageError, match="different search space"):
+        app.run(compose_search(tmp_path, "search.n_trials=2", "search.w_bits=[4,8]", "search.warm_start=[8]"),
+                tmp_path / "b")
+
+
+def test_a_crashed_trial_is_recorded_and_the_study_goes_on(tmp_path, digits_vit, monkeypatch):
+    real = LayoutModels.size_mb
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full while measuring")
+        return real(self)
+
+    monkeypatch.setattr(LayoutModels, "size_mb", flaky)
+    app.run(compose_search(tmp_path, "search.n_trials=3", "search.top_k=0"), tmp_path / "out")
+    study = study_of(tmp_path)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "disk full" in failed[0].user_attrs["error"]
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "disk full" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("search.w_bits=[]", "search.w_bits"),
+    ("search.n_trials=0", "search.n_trials"),
+    ("search.warm_start=[3]", "search.warm_start"),
+    ("search.sampler=cmaes", "search.sampler"),
+])
+def test_bad_search_config_is_refused_before_work(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        app.run(compose_search(tmp_path, override, "search.w_bits=[2,4,8]" if "w_bits" not in override else
+                               "search.n_trials=1"), tmp_path / "out")
+
+
+def test_an_unreachable_storage_is_refused_before_work(tmp_path):
+    with pytest.raises(StorageError, match="cannot be reached") as err:
+        app.run(compose_search(tmp_path, "search.storage=postgresql://qsweep:secret@127.0.0.1:9/none"), tmp_path / "o")
+    assert "secret" not in str(err.value)
