@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: setup test test-executorch bench ui clean
+.PHONY: setup test test-executorch test-distributed bench ui clean
 
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
@@ -22,6 +22,12 @@ test:
 test-executorch:
 	$(BIN)/pip install --quiet -e ".[executorch]"
 	$(BIN)/python -m pytest -q tests/test_export_pte.py
+
+# Two workers on one study in a real PostgreSQL server on 127.0.0.1 (installed from Debian's
+# packages if missing); one is killed with SIGKILL mid-trial and the study must still complete.
+test-distributed:
+	$(BIN)/pip install --quiet -e ".[distributed]"
+	tests/distributed/with_postgres.sh $(BIN)/python -m pytest -q -m distributed tests/test_search_workers.py
 
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py

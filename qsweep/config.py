@@ -145,9 +145,10 @@ class SearchConfig:
     allow_float: bool = False  # keeping a layer in float is one of the choices
     group_by: str = "layer"  # layer | block (one choice per transformer block / stage) | type (per layer kind)
     layers: list[str] = field(default_factory=lambda: ["*"])  # globs of the layers searched; others keep the recipe
-    warm_start: list[int] = field(default_factory=lambda: [8, 4])  # uniform layouts enqueued first
-    greedy_budget_mb: Optional[float] = None  # sensitivity-guided layout under this size; null: the size of
-    #                                           the uniform layout at the narrowest warm-start width
+    warm_start: Optional[list[int]] = None  # uniform layouts enqueued first; null: one per width in w_bits
+    greedy: bool = True  # also enqueue sensitivity-guided layouts (one per budget)
+    greedy_budget_mb: Optional[float] = None  # their size budget; null: each uniform layout's size between
+    #                                           the narrowest and the widest width
     pruner: str = "bound"  # bound: stop a trial that can no longer beat the best | median | none
     prune_steps: int = 4  # partial evaluations reported per trial
     trial_images: Optional[int] = None  # test images per trial (a seeded subset); null: all
@@ -359,7 +360,7 @@ def validate_search(s: SearchConfig | DictConfig) -> None:
             _bits("search.a_bits", b, ACT_BITS, allow_float=False)
     if not s.layers:
         raise ConfigError("search.layers=[] is not allowed; give module-name globs, e.g. ['*']")
-    for b in s.warm_start:
+    for b in s.warm_start or []:
         _bits("search.warm_start", b, WEIGHT_BITS, allow_float=False)
         if b not in s.w_bits:
             raise ConfigError(f"search.warm_start={list(s.warm_start)} is not allowed; {b} is not in "

@@ -131,12 +131,15 @@ def test_cli_single_run_prints_table(tmp_path, digits_vit):
 
 
 @pytest.mark.slow
-def test_cli_multirun_gives_one_mlflow_run_per_job(tmp_path, digits_vit):
+def test_cli_multirun_gives_one_mlflow_run_per_job_under_one_parent(tmp_path, digits_vit):
     proc = _cli(tmp_path, "-m", "quant.act.observer=minmax,percentile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, found = runs(tmp_path)
-    assert sorted(r.data.params["quant.act.observer"] for r in found) == ["minmax", "percentile"]
-    assert all(r.info.status == "FINISHED" for r in found)
+    (parent,) = [r for r in found if r.data.tags.get("qsweep.kind") == "sweep"]
+    jobs = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["quant.act.observer"] for r in jobs) == ["minmax", "percentile"]
+    assert all(r.info.status == "FINISHED" for r in found) and len(found) == 3
+    assert parent.data.tags["qsweep.sweep"] == str((tmp_path / "multi").resolve())
 
 
 @pytest.mark.slow

@@ -146,12 +146,15 @@ def study_of(tmp_path, name="s"):
 
 
 def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits_vit):
-    result = app.run(compose_search(tmp_path, "search.n_trials=5", "search.top_k=2"), tmp_path / "out")
+    result = app.run(compose_search(tmp_path, "search.n_trials=5", "search.top_k=2", "search.w_bits=[2,4,8]"),
+                     tmp_path / "out")
     study = study_of(tmp_path)
     states = [t.state for t in study.trials]
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 5
-    # warm start: all-8, all-4 and the greedy layout ran first
-    assert set(study.trials[0].params.values()) == {8} and set(study.trials[1].params.values()) == {4}
+    # warm start: the uniform layouts, widest first, then the greedy layout at all-4's size
+    assert [set(t.params.values()) for t in study.trials[:3]] == [{8}, {4}, {2}]
+    greedy = [t for t in study.trials[3:] if t.user_attrs.get("seed") == "warm start"]
+    assert all(t.user_attrs["size_mb"] <= study.trials[1].user_attrs["size_mb"] + 1e-4 for t in greedy)
     assert result["best_score"] >= max(t.user_attrs["score"] for t in study.trials[:2] if "score" in t.user_attrs) - 2
     yaml_path = Path(result["best_yaml"])
     assert yaml_path.exists() and yaml_path.read_text().startswith("# @package _global_")
@@ -169,7 +172,8 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
         a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # the same study name resumes: 2 more trials, under the same parent run
-    result = app.run(compose_search(tmp_path, "search.n_trials=7", "search.top_k=0"), tmp_path / "out2")
+    result = app.run(compose_search(tmp_path, "search.n_trials=7", "search.top_k=0", "search.w_bits=[2,4,8]"),
+                     tmp_path / "out2")
     study = study_of(tmp_path)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 7
     runs = client.search_runs([exp.experiment_id])

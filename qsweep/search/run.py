@@ -20,11 +20,11 @@ from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.report import format_table
 from qsweep.search.greedy import greedy_layout, layer_noise
 from qsweep.search.plots import pareto_front, plot_history, plot_layout_heatmap, plot_pareto
-from qsweep.search.space import SearchSpace
+from qsweep.search.space import FLOAT, SearchSpace
 from qsweep.search.storage import has_heartbeat, open_storage, redact, resolve
 from qsweep.search.study import (
     Worker, best_experiment_yaml, close_stale_runs, counts, layer_names_of, open_study, print_front,
-    score_function, trial_rows, work, write_trials_csv,
+    score_function, trial_rows, wait_for_attr, work, write_trials_csv,
 )
 from qsweep.search.trials import LayoutModels, TrialImages
 from qsweep.tracking import Recorder, flatten
@@ -53,14 +53,14 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
         "model": job.fp_key, "recipe": OmegaConf.to_container(cfg.quant), "trial_images": s.trial_images,
         "adaround": OmegaConf.to_container(cfg.adaround), "lsq": OmegaConf.to_container(cfg.lsq),
     })
-    study = open_study(name, storage, s, fingerprint, score_of)
+    study, created = open_study(name, storage, s, fingerprint, score_of)
     print(f"study {name!r} at {redact(resolve(s.storage, project_dir))}: {space.describe()}; "
           f"{counts(study)[TrialState.COMPLETE]} complete trials so far", flush=True)
 
-    parent = _parent_recorder(cfg, study, name, project_dir, sweep)
+    parent = _parent_recorder(cfg, study, created, name, project_dir, sweep)
     models = LayoutModels(job.model, cfg.quant, job.calib, space, cfg.adaround, cfg.lsq, progress=cfg.progress)
     images = TrialImages.from_dataset(job.loader.dataset, s.trial_images, cfg.data.eval_batch_size, seed=s.seed or 0)
-    if not study.trials:
+    if created:
         _warm_start(cfg, study, space, models, job)
     backend = "fake" if cfg.eval.backend == "fake" else "int"
     tags = {**run_tags(cfg), "qsweep.study": name, "weights": job.weights}
@@ -73,13 +73,13 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
     return _summarize(cfg, study, space, models, job, score_of, parent, output_dir, name)
 
 
-def _parent_recorder(cfg: DictConfig, study: optuna.Study, name: str, project_dir: Path,
+def _parent_recorder(cfg: DictConfig, study: optuna.Study, created: bool, name: str, project_dir: Path,
                      sweep: str | None) -> Recorder | None:
-    """The study's MLflow run: created by the first worker, joined (by its id in the study) by the others."""
+    """The study's MLflow run: made by the worker that created the study, joined (by its id) by the others."""
     if not cfg.tracking.enabled:
         return None
     rec = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, project_dir)
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    run_id = None if created else wait_for_attr(study, "mlflow_parent_run_id", timeout_s=60)
     if run_id is not None:
         rec.attach(run_id)
         rec.client.update_run(run_id, status="RUNNING")
@@ -93,20 +93,23 @@ def _parent_recorder(cfg: DictConfig, study: optuna.Study, name: str, project_di
 
 
 def _warm_start(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models: LayoutModels, job) -> None:
-    """Uniform layouts, then the sensitivity-guided greedy layout, ahead of the sampler."""
+    """Uniform layouts, then sensitivity-guided greedy layouts, ahead of the sampler."""
     s = cfg.search
-    seeds = [space.uniform(w) for w in s.warm_start]
-    if s.warm_start or s.greedy_budget_mb is not None:
-        budget = s.greedy_budget_mb or models.estimate_mb(space.uniform(min(s.warm_start)))
-        rows = sensitivity(job.model, cfg.quant, job.calib, first_images(job.loader, SENSITIVITY_IMAGES), job.bundle.num_classes,
-                           resolve_cache_dir(cfg.cache_dir),
+    widths = sorted(w for w in space.w_choices if w != FLOAT)
+    seeds = [space.uniform(w) for w in (s.warm_start if s.warm_start is not None else widths[::-1])]
+    if s.greedy:
+        budgets = [s.greedy_budget_mb] if s.greedy_budget_mb else [
+            models.estimate_mb(space.uniform(w)) for w in widths[1:-1]]
+        rows = sensitivity(job.model, cfg.quant, job.calib, first_images(job.loader, SENSITIVITY_IMAGES),
+                           job.bundle.num_classes, resolve_cache_dir(cfg.cache_dir),
                            sensitivity_key(job.model, f"{job.fp_key}-first{SENSITIVITY_IMAGES}", cfg.quant,
                                            cfg.analysis.w_bits, cfg.analysis.a_bits),
                            w_bits=cfg.analysis.w_bits, a_bits=cfg.analysis.a_bits, progress=cfg.progress)
-        greedy = greedy_layout(space, layer_noise(rows, cfg.analysis.w_bits), models.estimate_mb, budget)
-        seeds.append(greedy)
-        print(f"warm start: greedy layout under {budget:.4f} MB from per-layer sensitivity "
-              f"(estimated {models.estimate_mb(greedy):.4f} MB)", flush=True)
+        noise = layer_noise(rows, cfg.analysis.w_bits)
+        for budget in budgets:
+            seeds.append(greedy_layout(space, noise, models.estimate_mb, budget))
+        print(f"warm start: {len(seeds) - len(budgets)} uniform layouts, {len(budgets)} greedy layouts under "
+              f"{', '.join(f'{b:.4f}' for b in budgets)} MB from per-layer sensitivity", flush=True)
     seen = set()
     for layout in seeds:
         params = space.params(layout)

@@ -163,22 +163,38 @@ def make_pruner(s: DictConfig, score_of: Callable[[float, float], float]) -> opt
     return ScoreBoundPruner(score_of)
 
 
-def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) -> optuna.Study:
-    """Create the study, or resume / join it when it exists with the same search space."""
+def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) -> tuple[optuna.Study, bool]:
+    """Create the study, or resume / join it when it exists with the same search space.
+
+    Returns ``(study, created)``: exactly one of several workers started together creates it
+    (the storage refuses a second study of the same name), so only that one seeds it.
+    """
     directions = ["maximize", "minimize"] if s.objective == "pareto" else ["maximize"]
-    if name in optuna.get_all_study_names(storage):
-        existing = optuna.load_study(study_name=name, storage=storage)
-        found = existing.user_attrs.get("qsweep_space")
-        if found != fingerprint:
-            raise StorageError(
-                f"search.study_name={name!r} already exists in this storage with a different search space, "
-                f"objective, model or data (fingerprint {found} != {fingerprint}); choose another "
-                "search.study_name or delete the study (optuna delete-study)")
-    study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(s),
-                                pruner=make_pruner(s, score_of), directions=directions, load_if_exists=True)
-    if "qsweep_space" not in study.user_attrs:
+    sampler, pruner = make_sampler(s), make_pruner(s, score_of)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=directions)
         study.set_user_attr("qsweep_space", fingerprint)
-    return study
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    found = wait_for_attr(study, "qsweep_space", timeout_s=30)
+    if found != fingerprint:
+        raise StorageError(
+            f"search.study_name={name!r} already exists in this storage with a different search space, "
+            f"objective, model or data (fingerprint {found} != {fingerprint}); choose another "
+            "search.study_name or delete the study (optuna delete-study)")
+    return study, False
+
+
+def wait_for_attr(study: optuna.Study, key: str, timeout_s: float) -> Any:
+    """A study attribute another worker is about to set (None if it does not appear in time)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(key)
+        if value is not None or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
 
 def counts(study: optuna.Study) -> dict[TrialState, int]:

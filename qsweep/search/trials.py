@@ -75,8 +75,9 @@ class LayoutModels:
         a_override = {"a_bits": a_default} if a_default is not None else {}
         learned = any(c is not None and c.mode != "off" for c in (adaround, lsq))
         reconstruct = {"adaround": adaround, "lsq": lsq} if learned else {}
-        # Weights need calibration data only where AdaRound / LSQ learn from it.
-        weight_calib = calib if learned else calib[:1]
+        # Weights need all the calibration data only where something learns from it (AdaRound, LSQ)
+        # or rewrites float weights from activation statistics (quant.vit.post_ln).
+        weight_calib = calib if learned or recipe.vit.post_ln != "off" else calib[:1]
 
         self.model = quantize(model, recipe_with(recipe, space.layers, w_bits=top_w, **a_override), calib,
                               progress=progress, **reconstruct)
@@ -96,7 +97,7 @@ class LayoutModels:
             self.acts.update({(n, a): base.get_submodule(n).act for n in space.layers})
         self.floats: dict[str, nn.Module] = {}
         if FLOAT in space.w_choices:
-            base = quantize(model, recipe_with(recipe, space.layers, w_bits=None, a_bits=None), calib[:1])
+            base = quantize(model, recipe_with(recipe, space.layers, w_bits=None, a_bits=None), weight_calib)
             self.floats = {n: base.get_submodule(n) for n in space.layers}
         self.param_counts = {n: m.weight.numel() for n, m in self.quant_modules.items()}
         self.packed_bytes = {key: _packed_bytes(q) for key, q in self.weights.items()}

@@ -1,0 +1,74 @@
+"""The MLflow UI's server shows a study: its parent run, trial runs and their metrics, through the REST API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qsweep import app
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, endpoint: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{endpoint}", method="POST" if body else "GET",
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_server_on_loopback_serves_the_study(tmp_path, digits_vit):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "+experiment=digits_mixed_search", f"tracking.uri={store}", "progress=false", "export.enabled=false",
+            f"search.storage=sqlite:///{tmp_path}/optuna.db", f"search.best_dir={tmp_path}/best",
+            "search.n_trials=3", "search.warm_start=[8]", "search.top_k=0", "search.study_name=ui"])
+    app.run(cfg, tmp_path / "out")
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not come up") from None
+                time.sleep(0.5)
+        experiment = call(base, "experiments/get-by-name?experiment_name=qsweep")["experiment"]
+        runs = call(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        (parent,) = [r for r, t in zip(runs, tags) if t.get("qsweep.kind") == "study"]
+        parent_id = parent["info"]["run_id"]
+        trials = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
+        assert len(trials) == 3
+        for r in trials:
+            metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
+            assert {"size_mb", "pruned"} <= set(metrics)
+        best = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+        assert "best_score" in best and "best_size_mb" in best
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
