@@ -32,6 +32,7 @@ test-distributed:
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py
 	$(BIN)/python experiments/bench/bench_int.py
+	$(BIN)/python experiments/bench/bench_search.py
 
 ui:
 	$(BIN)/mlflow ui --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

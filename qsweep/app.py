@@ -139,7 +139,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
                 "weights": weights, "fp_top1": fp.top1, "mlflow_run_id": rec.run_id if rec else None}
 
     timings = QuantizeTimings()
-    qmodel = quantize(model, cfg.quant, calib, progress=cfg.progress, timings=timings)
+    qmodel = quantize(model, cfg.quant, calib, progress=cfg.progress, timings=timings, adaround=cfg.adaround,
+                      lsq=cfg.lsq)
     backend = cfg.eval.backend
     if backend == "auto":
         backend = "fake" if cfg.export.enabled else "int"
@@ -175,7 +176,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         "top1": q.top1, "top5": q.top5, "fp_top1": fp.top1, "fp_top5": fp.top5, "delta_top1": q.top1 - fp.top1,
         "size_mb": size_mb, "fp32_size_mb": fp_size_mb, "compression": fp_size_mb / size_mb,
         "avg_weight_bits": average_weight_bits(rows), "score": score,
-        "calibration_s": timings.calibrate_s, "quantization_s": timings.quantize_s, "eval_s": q.seconds,
+        "calibration_s": timings.calibrate_s, "quantization_s": timings.quantize_s,
+        "reconstruction_s": timings.reconstruct_s, "eval_s": q.seconds,
         "eval_images": q.images, "peak_rss_mb": peak_rss_mb(),
     }
     if backend == "int":

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from qsweep.config import quant_recipe
+from qsweep.config import AdaRoundConfig, LSQConfig, quant_recipe, validate_adaround, validate_lsq
 from qsweep.quant.fold import fold_batchnorm
+from qsweep.quant.intops import apply_intops
 from qsweep.quant.modules import QuantLayer, quant_module_for
 from qsweep.quant.plan import resolve_plan
-from qsweep.quant.quantizer import CalibrationError
+from qsweep.quant.quantizer import ActQuantizer, CalibrationError
+from qsweep.quant.vit import apply_vit
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -48,14 +51,31 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 class QuantizeTimings:
     quantize_s: float = 0.0  # BN folding, planning, weight quantization
     calibrate_s: float = 0.0  # activation observation over the calibration batches
+    reconstruct_s: float = 0.0  # AdaRound and LSQ
+    reconstruct: dict[str, Any] = field(default_factory=dict)  # their statistics: {"adaround": ..., "lsq": ...}
     folded_bn: list[str] = field(default_factory=list)
 
 
-def prepare(model: nn.Module, recipe: Any, first_batch: Any) -> list[str]:
-    """Fold BN and swap every planned module for its quantized form (weights quantized here, once)."""
+def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any]) -> list[str]:
+    """Fold BN, apply ``quant.vit`` / ``quant.intops`` and swap every planned module for its quantized form.
+
+    ``batches`` (the calibration batches) drive BN folding (the first one) and the ``quant.vit.post_ln``
+    statistics (all), both float rewrites done before the weights are quantized here, once. The ViT
+    and integer-op modules are installed before the swap and keep every module name the plan uses.
+    """
     recipe = quant_recipe(recipe)
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("prepare got no batches: give at least one calibration batch")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    folded = fold_batchnorm(model, lambda: call_model(model, to_device(first_batch, device))) if recipe.fold_bn else []
+
+    def run(limit: int | None = None) -> None:
+        for batch in batches[:limit]:
+            call_model(model, to_device(batch, device))
+
+    folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
+    apply_vit(model, recipe, run)
+    apply_intops(model, recipe)
     for name, layer_plan in resolve_plan(model, recipe).items():
         model.set_submodule(name, quant_module_for(model.get_submodule(name), layer_plan))
     return folded
@@ -63,8 +83,8 @@ def prepare(model: nn.Module, recipe: Any, first_batch: Any) -> list[str]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = False, seed: int = 0) -> int:
-    """Observe input activations over ``batches`` and freeze their qparams; returns batches seen."""
-    layers = [m.act for m in quant_layers(model).values() if m.act is not None]
+    """Observe activations over ``batches`` and freeze the qparams of every ActQuantizer; returns batches seen."""
+    layers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     for i, act in enumerate(layers):
         act.start_observing(seed=seed + i)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -83,7 +103,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = False, 
 
 
 def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inplace: bool = False,
-             progress: bool = False, timings: QuantizeTimings | None = None) -> nn.Module:
+             progress: bool = False, timings: QuantizeTimings | None = None, adaround: Any = None,
+             lsq: Any = None) -> nn.Module:
     """Quantize ``model`` with a ``conf/quant``-shaped ``recipe`` calibrated on ``calib_batches``.
 
     Args:
@@ -92,22 +113,53 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
         calib_batches: tensors, tuples (positional args) or dicts (keyword args).
         inplace: modify ``model`` instead of a deep copy.
         progress: show a progress bar over calibration.
-        timings: filled with the seconds spent quantizing and calibrating.
+        timings: filled with the seconds spent quantizing, calibrating and reconstructing.
+        adaround: :class:`qsweep.config.AdaRoundConfig`, dict or DictConfig; None or mode ``off``: nearest
+            rounding. Runs after calibration against ``model`` (the FP reference).
+        lsq: :class:`qsweep.config.LSQConfig` likewise; runs after AdaRound, except that with AdaRound on,
+            weight step sizes are learned before it (LSQ re-rounds weights to nearest, which would undo it).
 
     Returns:
         The model in eval mode with quantized modules (:class:`qsweep.quant.modules.QuantLayer`).
     """
+    # Imported here: they build on this module's helpers.
+    from qsweep.quant.adaround import apply_adaround
+    from qsweep.quant.lsq import apply_lsq
+    from qsweep.quant.reconstruct import merge_config
+
     recipe = quant_recipe(recipe)
+    ada_cfg = merge_config(AdaRoundConfig, adaround or {}, "adaround", validate_adaround)
+    lsq_cfg = merge_config(LSQConfig, lsq or {}, "lsq", validate_lsq)
+    reconstruct = ada_cfg.mode != "off" or lsq_cfg.mode != "off"
     batches = list(calib_batches)
     if not batches:
         raise CalibrationError("calibration got no batches: give at least one calibration batch")
+    fp_model = copy.deepcopy(model) if inplace and reconstruct else model
     model = model if inplace else copy.deepcopy(model)
+    # The float modules prepare() rewrites in place (BN folding, quant.vit.post_ln) and then replaces:
+    # their weights are what the quantized codes were rounded from.
+    float_modules = ({n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+                     if reconstruct else {})
     model.eval()
     timings = timings if timings is not None else QuantizeTimings()
     start = time.perf_counter()
-    timings.folded_bn = prepare(model, recipe, batches[0])
+    timings.folded_bn = prepare(model, recipe, batches)
     timings.quantize_s = time.perf_counter() - start
     start = time.perf_counter()
     calibrate(model, batches, progress=progress, seed=int(recipe.calib.seed))
     timings.calibrate_s = time.perf_counter() - start
+    if reconstruct:
+        start = time.perf_counter()
+        weights = {n: m.weight for n, m in float_modules.items()}
+        lsq_mode = lsq_cfg.mode
+        if ada_cfg.mode != "off":
+            if lsq_mode in ("weight", "both"):
+                weight_cfg = OmegaConf.merge(lsq_cfg, {"mode": "weight"})
+                timings.reconstruct["lsq_weight"] = apply_lsq(model, fp_model, batches, weight_cfg, progress, weights)
+                lsq_mode = "act" if lsq_mode == "both" else "off"
+            timings.reconstruct["adaround"] = apply_adaround(model, fp_model, batches, ada_cfg, progress, weights)
+        if lsq_mode != "off":
+            rest_cfg = OmegaConf.merge(lsq_cfg, {"mode": lsq_mode})
+            timings.reconstruct["lsq"] = apply_lsq(model, fp_model, batches, rest_cfg, progress, weights)
+        timings.reconstruct_s = time.perf_counter() - start
     return model
