@@ -233,3 +233,12 @@ def test_an_unreachable_storage_is_refused_before_work(tmp_path):
     with pytest.raises(StorageError, match="cannot be reached") as err:
         app.run(compose_search(tmp_path, "search.storage=postgresql://qsweep:secret@127.0.0.1:9/none"), tmp_path / "o")
     assert "secret" not in str(err.value)
+
+
+def test_pareto_objective_reports_the_front(tmp_path, digits_vit):
+    result = app.run(compose_search(tmp_path, "search.objective=pareto", "search.sampler=nsga2", "search.n_trials=4",
+                                    "search.w_bits=[2,8]", "search.greedy=false", "search.top_k=1"), tmp_path / "o")
+    study = study_of(tmp_path)
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    front = {(p["top1"], p["size_mb"]) for p in result["pareto"]}
+    assert {(t.values[0], t.values[1]) for t in study.best_trials} == front
