@@ -242,3 +242,15 @@ def test_pareto_objective_reports_the_front(tmp_path, digits_vit):
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
     front = {(p["top1"], p["size_mb"]) for p in result["pareto"]}
     assert {(t.values[0], t.values[1]) for t in study.best_trials} == front
+
+
+def test_a_search_composes_with_adaround_lsq_and_vit_options(tmp_path, digits_vit):
+    result = app.run(compose_search(tmp_path, "search.n_trials=3", "search.w_bits=[2,8]", "search.greedy=false",
+                                    "search.top_k=1", "adaround=layer", "adaround.iters=20",
+                                    "adaround.num_samples=32", "lsq=act", "lsq.iters=5", "lsq.num_samples=32",
+                                    "quant.vit.post_ln=reparam", "quant.intops=ivit"), tmp_path / "o")
+    study = study_of(tmp_path)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    uniform2 = next(t for t in study.trials if set(t.params.values()) == {2})
+    assert uniform2.user_attrs["top1"] > 90.0  # learned rounding at 2 bits (nearest min-max: ~85 %)
+    assert result["best_score"] > 0
