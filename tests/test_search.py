@@ -254,3 +254,24 @@ def test_a_search_composes_with_adaround_lsq_and_vit_options(tmp_path, digits_vi
     uniform2 = next(t for t in study.trials if set(t.params.values()) == {2})
     assert uniform2.user_attrs["top1"] > 90.0  # learned rounding at 2 bits (nearest min-max: ~85 %)
     assert result["best_score"] > 0
+
+
+def test_the_bound_pruner_stops_only_trials_that_cannot_beat_the_best():
+    from qsweep.score import lab4
+    from qsweep.search.study import ScoreBoundPruner
+
+    study = optuna.create_study(direction="maximize", pruner=ScoreBoundPruner(lab4))
+    study.add_trial(optuna.create_trial(value=40.0))  # e.g. 20 MB at 90 %: 10 + 12 + 10 + 8
+
+    def running(size_mb, correct, seen, total=500):
+        trial = study.ask()
+        for key, value in dict(size_mb=size_mb, correct=correct, seen=seen, total=total).items():
+            trial.set_user_attr(key, value)
+        trial.report(0.0, 0)
+        return trial.should_prune()
+
+    # 26 MB: size part 12; 100 right of 125 seen, the other 375 right would be 95 %: 12 + 28 = 40, a tie
+    assert not running(26.0, correct=100, seen=125)
+    # 29 MB: 10 for size; 40 still needs >= 96 %, and 100 of 250 seen leaves at most 70 %
+    assert running(29.0, correct=100, seen=250)
+    assert not running(29.0, correct=245, seen=250)  # 99 % so far, can reach 40+

@@ -95,15 +95,15 @@ class Worker:
             total = self.images.images
             metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models),
                            int_fallback_layers=len(fallbacks))
+            trial.set_user_attr("size_mb", size)
+            trial.set_user_attr("total", total)
             eval_start = time.perf_counter()
 
             def on_step(step: int, correct: int, seen: int) -> None:
                 top1 = 100.0 * correct / seen
-                trial.set_user_attr("size_mb", size)
-                trial.set_user_attr("correct", correct)
-                trial.set_user_attr("seen", seen)
-                trial.set_user_attr("total", total)
                 if s.objective == "score" and seen < total:
+                    trial.set_user_attr("correct", correct)  # the bound pruner reads these two
+                    trial.set_user_attr("seen", seen)
                     trial.report(self.score_of(size, top1), step)
                     if trial.should_prune():
                         metrics.update(partial_top1=top1, images=seen)
