@@ -29,3 +29,24 @@ def digits_vit(digits_bundle, qsweep_cache):
     from qsweep.models import load_digits_vit
 
     return load_digits_vit(digits_bundle, qsweep_cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the digits ViT's ops are tiny, and one thread is faster
+    (much faster when other processes share the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calib(digits_bundle):
+    """64 class-balanced calibration images of the digits train split, in batches of 32."""
+    from qsweep.config import CalibConfig
+    from qsweep.data import calibration_batches
+
+    return calibration_batches(digits_bundle, CalibConfig(num_images=64, batch_size=32))

@@ -20,18 +20,7 @@ W3 = {"weight": {"bits": 3, "granularity": "per_channel"}, "act": {"bits": 8}}
 FAST = {"iters": 40, "num_samples": 32, "batch_size": 16, "rows_per_iter": 128}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The reconstruction ops are tiny: one thread is faster, much faster when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def calib(digits_bundle):
-    return calibration_batches(digits_bundle, CalibConfig(num_images=64, batch_size=32))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nearest_codes(layer, w):

@@ -5,8 +5,6 @@ import torch
 import torch.nn.functional as F
 
 import qsweep
-from qsweep.config import CalibConfig
-from qsweep.data import calibration_batches
 from qsweep.export import export_artifact
 from qsweep.quant.calibrate import QuantizeTimings, quant_layers
 from qsweep.quant.lsq import apply_lsq
@@ -17,18 +15,7 @@ W3A8 = {"weight": {"bits": 3, "granularity": "per_channel"}, "act": {"bits": 8, 
 FAST = {"iters": 30, "num_samples": 64, "batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The digits ViT's ops are tiny: one thread is faster, much faster when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def calib(digits_bundle):
-    return calibration_batches(digits_bundle, CalibConfig(num_images=64, batch_size=32))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib_loss(q, fp, batches):

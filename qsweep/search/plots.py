@@ -34,6 +34,10 @@ def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path
     ax.set_xlabel("artifact size (MB)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title)
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -75,9 +79,4 @@ def plot_history(numbers: list[int], values: list[float], pruned: list[bool], pa
         ax.scatter(*zip(*cut), s=16, c="0.6", marker="x", label="pruned (last partial value)")
     ax.set_xlabel("trial")
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
