@@ -15,6 +15,7 @@ from qsweep.config import ConfigError, DataConfig, QuantConfig, TensorQuantConfi
 from qsweep.data import calibration_batches, eval_loader
 from qsweep.evaluate import evaluate
 from qsweep.export import export_program, load_program
+from qsweep.quant.calibrate import calibrate
 from qsweep.quant.grid import Grid, fake_quantize, qparams
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.quant.intops import IntBlock, IntGELU, IntLayerNorm, IntSoftmax, int_codes, isqrt, shift_exp2
@@ -45,13 +46,7 @@ def top1(model, bundle):
 
 
 def calibrated(op, x):
-    quantizers = [m for m in op.modules() if isinstance(m, ActQuantizer)]
-    for quant in quantizers:
-        quant.start_observing()
-    with torch.no_grad():
-        op(x)
-    for quant in quantizers:
-        quant.freeze()
+    calibrate(op, [x])
     return op
 
 

@@ -28,6 +28,7 @@ from qsweep.data import build_data, calibration_batches, eval_loader
 from qsweep.evaluate import evaluate
 from qsweep.models import load_digits_vit
 from qsweep.models.cache import cache_dir
+from qsweep.quant.calibrate import calibrate
 from qsweep.quant.grid import fake_quantize
 from qsweep.quant.intops import GELU_SIGMOID, SOFTMAX_OUT_BITS, IntGELU, IntLayerNorm, IntSoftmax
 from qsweep.quant.quantizer import ActQuantizer
@@ -71,17 +72,6 @@ def integer_op(module: nn.Module, name: str) -> nn.Module:
     return IntSoftmax(TensorQuantConfig(bits=8), name)
 
 
-def calibrate_op(op: nn.Module, x: torch.Tensor) -> nn.Module:
-    quantizers = [m for m in op.modules() if isinstance(m, ActQuantizer)]
-    for q in quantizers:
-        q.start_observing()
-    with torch.no_grad():
-        op(x)
-    for q in quantizers:
-        q.freeze()
-    return op
-
-
 def fq(x: torch.Tensor, q: ActQuantizer) -> torch.Tensor:
     return fake_quantize(x, q.scale, q.zero_point, q.grid)
 
@@ -111,7 +101,8 @@ def error_table(model: nn.Module, calib: torch.Tensor, test: torch.Tensor) -> No
     per_kind: dict[str, list[tuple[float, float]]] = {}
     gelu_inputs = []
     for name, (module, (x_cal, x)) in capture(model, calib, test).items():
-        op = calibrate_op(integer_op(module, name), x_cal)
+        op = integer_op(module, name)
+        calibrate(op, [x_cal])
         with torch.no_grad():
             ref = module(x)
             err = row_rel_err(op(x), ref)
