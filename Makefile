@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: setup test test-executorch test-distributed bench ui clean
+.PHONY: setup test test-executorch test-distributed bench bench-real ui clean
 
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
@@ -33,6 +33,13 @@ bench:
 	$(BIN)/python experiments/bench/bench_eval.py
 	$(BIN)/python experiments/bench/bench_int.py
 	$(BIN)/python experiments/bench/bench_search.py
+
+# Quantization quality on real weights and text: all-MiniLM-L6-v2 on Python's bundled language
+# reference, qsweep's recipes beside a naive round-to-nearest and torchao's pt2e (see
+# experiments/realweights/README.md, whose table this rewrites). Offline; ~15 min on 2 cores.
+bench-real:
+	$(BIN)/pip install --quiet -e ".[realweights,peers]"
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/realweights/bench_real.py --readme experiments/realweights/README.md
 
 ui:
 	$(BIN)/mlflow ui --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qsweep.errors import QsweepError
+
+
+def unique_dir(base: str) -> str:
+    """Create and return ``base``, or ``base-2``, ``base-3``, ... if taken: a folder no other run has.
+
+    Run folders are named after the second a run starts, so two runs started in the same second
+    would write into one. ``mkdir`` without ``exist_ok`` is atomic: concurrent runs get distinct folders.
+    """
+    path = Path(base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            continue
+
+
+# conf/config.yaml names hydra.run.dir / hydra.sweep.dir through it; registered before Hydra composes.
+# Cached: a multirun's jobs resolve the sweep folder again and must get the one created first.
+OmegaConf.register_new_resolver("qsweep.unique_dir", unique_dir, use_cache=True, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -146,6 +146,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         backend = "fake" if cfg.export.enabled else "int"
     if rec is not None:
         rec.set_tags({"eval_backend": backend})
+        if timings.post_ln_skipped:
+            rec.set_tags({"post_ln_skipped": "; ".join(f"{k}: {v}" for k, v in timings.post_ln_skipped.items())})
     fallbacks: dict[str, str] = {}
     runner = qmodel
     if backend == "int":

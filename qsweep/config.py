@@ -16,7 +16,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qsweep.errors import QsweepError
 
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl", "sigma", "iqr")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl", "sigma", "iqr", "auto")
+# auto scores activation ranges through the weight they feed: there is no such consumer for weights.
+WEIGHT_OBSERVERS = tuple(o for o in OBSERVERS if o != "auto")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -25,6 +27,7 @@ ACT_BITS = (4, 16)
 LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "w_granularity", "group_size")
 SCORES = ("lab4", "relative")
 WEIGHT_SOURCES = ("auto", "random", "pretrained")
+MODEL_SOURCES = ("timm", "hf")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze", "search")
@@ -82,6 +85,29 @@ class ViTQuantConfig:
 
 
 @dataclass
+class GPTQConfig:
+    """GPTQ weight rounding (Frantar et al. 2022) on the recipe's own grids, from calibration Hessians."""
+
+    enabled: bool = False
+    damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean, in (0, 1]
+    act_order: bool = True  # round columns in order of decreasing Hessian diagonal
+    block_size: int = 128  # columns rounded per lazy batch update
+    num_samples: int = 128  # calibration samples the Hessians are collected on
+    sequential: bool = True  # blocks in order, inputs from the already-rounded earlier blocks;
+    #                          false: every Hessian from one pass of the nearest-rounded model
+
+
+@dataclass
+class SmoothConfig:
+    """Per-channel input scaling of quantized Linears (SmoothQuant / AWQ), searched per layer."""
+
+    enabled: bool = False
+    alpha: Optional[float] = None  # migration strength in [0, 1]; null: searched per layer by output error
+    grid: int = 10  # alpha search: alpha = i / grid, i = 0..grid (and no scaling at all)
+    max_tokens: int = 1024  # calibration tokens (rows) kept per layer to score the candidates
+
+
+@dataclass
 class QuantConfig:
     name: str = "w4a8"
     weight: TensorQuantConfig = field(
@@ -95,8 +121,10 @@ class QuantConfig:
     fold_bn: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
     vit: ViTQuantConfig = field(default_factory=ViTQuantConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
     intops: str = "off"  # off | ivit: integer-only Softmax, GELU and LayerNorm (I-ViT)
     residual_bits: Optional[int] = 16  # intops=ivit: bit width of the residual stream; null: float
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
 
 @dataclass
@@ -165,6 +193,8 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     trust_checkpoint: bool = False  # allow unpickling a whole module (runs code!)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    source: str = "timm"  # timm (incl. digits_vit) | hf: a local Hugging Face image classifier in `path`
+    path: Optional[str] = None  # source=hf: directory holding config.json and the weights
 
 
 @dataclass
@@ -267,6 +297,10 @@ def _bits(key: str, value: Any, bounds: tuple[int, int], allow_float: bool) -> N
 def validate_tensor(prefix: str, t: TensorQuantConfig | DictConfig, is_weight: bool) -> None:
     _bits(f"{prefix}.bits", t.bits, WEIGHT_BITS if is_weight else ACT_BITS, allow_float=not is_weight)
     _choice(f"{prefix}.granularity", t.granularity, WEIGHT_GRANULARITIES if is_weight else ACT_GRANULARITIES)
+    if is_weight and t.observer == "auto":
+        raise ConfigError(f"{prefix}.observer='auto' is not allowed; auto scores activation ranges by the output "
+                          f"error of the layer they feed. For weights choose one of {list(WEIGHT_OBSERVERS)} "
+                          "(mse: lowest weight error per row), or quant.gptq.enabled=true")
     _choice(f"{prefix}.observer", t.observer, OBSERVERS)
     _choice(f"{prefix}.scale_dtype", t.scale_dtype, SCALE_DTYPES)
     if t.granularity == "per_group":
@@ -315,7 +349,34 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     _choice("quant.vit.post_ln", q.vit.post_ln, POST_LN_MODES)
     _in_range("quant.vit.smooth_alpha", q.vit.smooth_alpha, 0.0, 1.0)
     _choice("quant.intops", q.intops, INTOPS)
+    if q.smooth.alpha is not None:
+        _in_range("quant.smooth.alpha", q.smooth.alpha, 0.0, 1.0, "must be in [0, 1], or null to search it per layer")
+    _in_range("quant.smooth.grid", q.smooth.grid, 1, 1000, "must be >= 1 (alpha steps of 1 / grid)")
+    _in_range("quant.smooth.max_tokens", q.smooth.max_tokens, 1, 10**7, "must be >= 1")
     _bits("quant.residual_bits", q.residual_bits, (8, 32), allow_float=True)
+    validate_gptq(q.gptq)
+
+
+def validate_gptq(g: GPTQConfig | DictConfig) -> None:
+    _in_range("quant.gptq.damp", g.damp, 1e-12, 1.0, "damp must be in (0, 1]")
+    _in_range("quant.gptq.block_size", g.block_size, 1, 10**6, "block_size must be >= 1")
+    _in_range("quant.gptq.num_samples", g.num_samples, 1, 10**7, "need at least 1 calibration sample")
+
+
+def gptq_replaced_by(gptq: GPTQConfig | DictConfig, adaround: AdaRoundConfig | DictConfig,
+                     lsq: LSQConfig | DictConfig) -> str | None:
+    """Why the recipe's GPTQ does not round this run's weights (None: it does, or it is off).
+
+    ``adaround=`` and ``lsq=weight|both`` are chosen for a run and re-round the weights from the float
+    ones, so they take precedence over the recipe's rounding (``quant=w4a8 adaround=layer`` works).
+    """
+    if not gptq.enabled:
+        return None
+    if adaround.mode != "off":
+        return f"adaround.mode={adaround.mode} rounds the weights instead"
+    if lsq.mode in ("weight", "both"):
+        return f"lsq.mode={lsq.mode} re-rounds the weights to nearest with learned step sizes instead"
+    return None
 
 
 def validate_adaround(a: AdaRoundConfig | DictConfig) -> None:
@@ -392,6 +453,46 @@ def quant_recipe(recipe: Any) -> DictConfig:
     return cfg
 
 
+# What a run writes into its output directory besides the artifact (app, search, Hydra).
+RUN_OUTPUTS = ("config.yaml", "result.json", "layers.csv", "analysis", "search.json", "trials.csv", "pareto.png",
+               "layout_heatmap.png", "history.png", "best", ".hydra", "__main__.log")
+
+
+def validate_export_filename(name: Any) -> None:
+    """``export.filename``: a plain file name in the run directory that no other output of the run uses."""
+    key = "export.filename"
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{key}={name!r} is not allowed; give a file name such as quantized.pt2")
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"{key}={name!r} is not allowed; it must be a plain file name (no directories), "
+                          "written into the run's output directory")
+    taken = {out.casefold() for out in RUN_OUTPUTS}
+    if name.casefold() in taken:
+        raise ConfigError(f"{key}={name!r} is not allowed; the run writes its own {name} there "
+                          f"(reserved names: {', '.join(RUN_OUTPUTS)})")
+    if name.casefold().endswith(".pte"):
+        raise ConfigError(f"{key}={name!r} is not allowed; <name>.pte is where export.pte=true writes the "
+                          "ExecuTorch program beside the artifact (use e.g. quantized.pt2)")
+
+
+def validate_model_source(model: Any) -> None:
+    """``model.source`` / ``model.path``: an HF model needs a local directory with a config.json."""
+    import os
+
+    _choice("model.source", model.source, MODEL_SOURCES)
+    if model.source != "hf":
+        return
+    path = model.path
+    if not path or not os.path.isfile(os.path.join(os.path.expanduser(str(path)), "config.json")):
+        raise ConfigError(f"model.path={path!r} is not allowed with model.source=hf: give a local directory "
+                          "holding a Hugging Face model's config.json and weights (save_pretrained output)")
+    if model.checkpoint:
+        raise ConfigError(f"model.checkpoint={model.checkpoint!r} is not allowed with model.source=hf: the "
+                          "weights come from model.path; leave model.checkpoint=null")
+    if model.name == "digits_vit":  # the default name: label the run by the model directory instead
+        model.name = "hf:" + os.path.basename(os.path.normpath(os.path.expanduser(str(path))))
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """The composed run config checked against :class:`RootConfig` (drops Hydra's own node)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -400,9 +501,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     validate_quant(out.quant)
     _choice("score.name", out.score.name, SCORES)
     _choice("model.weights", out.model.weights, WEIGHT_SOURCES)
+    validate_model_source(out.model)
     _choice("device", out.device, DEVICES)
     _choice("mode", out.mode, MODES)
     _choice("eval.backend", out.eval.backend, BACKENDS)
+    validate_export_filename(out.export.filename)
     validate_adaround(out.adaround)
     validate_lsq(out.lsq)
     validate_search(out.search)

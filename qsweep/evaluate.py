@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
+from qsweep.models.cache import atomic_write
+
 
 @dataclass
 class EvalResult:
@@ -50,15 +52,28 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _read_cached(path: Path) -> EvalResult | None:
+    """The result cached at ``path``, or None if it is missing or unreadable (empty, cut short, not ours)."""
+    try:
+        result = EvalResult(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # missing / not JSON / not an EvalResult's fields
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in asdict(result).values()):
+        return None
+    return result
+
+
 def cached_fp_eval(model: nn.Module, loader: DataLoader, num_classes: int, cache_dir: Path, key: str,
                    device: str | torch.device = "cpu", progress: bool = False) -> tuple[EvalResult, bool]:
-    """The float model's accuracy, computed once per model+data ``key``; returns (result, from_cache)."""
+    """The float model's accuracy, computed once per model+data ``key``; returns (result, from_cache).
+
+    An unreadable entry counts as a miss: it is recomputed and rewritten. Entries are written to a
+    unique temp file and renamed into place, so concurrent runs never read or leave a partial one.
+    """
     path = Path(cache_dir) / "fp_eval" / f"{key}.json"
-    if path.exists():
-        return EvalResult(**json.loads(path.read_text())), True
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached, True
     result = evaluate(model, loader, num_classes, device, progress, desc="evaluate FP32")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(result)))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(result))))
     return result, False

@@ -1,12 +1,17 @@
 """The lab's grader, reproduced: score any ``torch.export`` artifact on the CIFAR-100 mini test set.
 
     python -m qsweep.lab_eval ARTIFACT --data-root DIR [--per-class 5] [--image-size 224] [--limit N] [--json]
+                             [--trust-artifact]
 
 As the grader does: ``torch.export.load(path).module()`` on the CPU; the CIFAR-100 test split
 walked in order keeping the first 5 images of each class (500, grouped by class), the lab's
 eval transform, batch size 1; top-1 accuracy in percent; size = bytes / 1e6 of
 ``torch.save(module.state_dict())``; score = :func:`qsweep.score.lab4`. The time is the wall
 time of the evaluation loop (data transform + forward passes).
+
+Unlike the grader, an artifact that loading could make run code (pickled objects beyond tensor
+data, code-carrying strings in the program) is refused unless ``--trust-artifact`` is given:
+see :func:`qsweep.export.inspect_artifact`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from tqdm.auto import tqdm
 
 from qsweep.data.cifar100 import LAB_IMAGE_SIZE, LAB_PER_CLASS, cifar100_test_set
 from qsweep.errors import QsweepError
-from qsweep.export import load_program, state_dict_size_mb
+from qsweep.export import UntrustedArtifactError, load_program, state_dict_size_mb
 from qsweep.score import lab4
 
 
@@ -32,15 +37,20 @@ class ArtifactError(QsweepError):
     """The artifact is missing or is not a ``torch.export`` program (the message names the file)."""
 
 
-def load_artifact(path: str | Path) -> nn.Module:
-    """``torch.export.load(path).module()``, with a clear error for a missing or foreign file."""
+def load_artifact(path: str | Path, trust: bool = False) -> nn.Module:
+    """``torch.export.load(path).module()``, with a clear error for a missing, foreign or unsafe file.
+
+    Unless ``trust``, a file loading could make run code raises :class:`UntrustedArtifactError`.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact {path} does not exist")
     if not path.is_file():
         raise ArtifactError(f"artifact {path} is not a file")
     try:
-        return load_program(path)
+        return load_program(path, trust=trust)
+    except UntrustedArtifactError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever torch.export.load trips on
         raise ArtifactError(
             f"{path} is not a torch.export program: torch.export.load failed ({type(exc).__name__}: "
@@ -65,17 +75,19 @@ def _int_arg(name: str, value, minimum: int = 1) -> int:
 
 
 def lab_eval(path: str | Path, data_root: str | Path, per_class: int = LAB_PER_CLASS,
-             image_size: int = LAB_IMAGE_SIZE, limit: int | None = None, progress: bool = True) -> dict:
+             image_size: int = LAB_IMAGE_SIZE, limit: int | None = None, progress: bool = True,
+             trust: bool = False) -> dict:
     """Grade ``path`` as the lab does: ``{size_mb, acc, seconds, images, score}``.
 
     ``limit`` evaluates only the first N images of the mini set (a quick look; the score is then
-    not the lab's). ``image_size`` other than 224 is for tests and small models.
+    not the lab's). ``image_size`` other than 224 is for tests and small models. ``trust`` skips
+    the check that refuses an artifact loading could make run code.
     """
     _int_arg("per_class", per_class)
     _int_arg("image_size", image_size)
     if limit is not None:
         _int_arg("limit", limit)
-    model = load_artifact(path)  # fail on the artifact before touching the data
+    model = load_artifact(path, trust)  # fail on the artifact before touching the data
     dataset = cifar100_test_set(data_root, "mini", per_class, image_size, key="--data-root",
                                 per_class_key="--per-class")
     if limit is not None and limit < len(dataset):
@@ -122,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--trust-artifact", action="store_true",
+                        help="load the artifact even if it carries pickled objects or code-bearing strings "
+                             "that loading would run (only for a file you trust)")
     args = parser.parse_args(argv)
     try:
         result = lab_eval(args.artifact, args.data_root, args.per_class, args.image_size, args.limit,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, trust=args.trust_artifact)
     except QsweepError as exc:
         print(f"lab_eval: error: {exc}", file=sys.stderr)
         return 2

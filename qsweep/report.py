@@ -14,7 +14,8 @@ FLOAT_BITS = 32
 
 
 def layer_table(qmodel: nn.Module) -> list[dict]:
-    """One row per Linear/Conv2d: name, type, shape, bits, granularity and weight SQNR (dB)."""
+    """One row per Linear/Conv2d: name, type, shape, bits, granularity, weight SQNR (dB), the input range
+    ``auto`` chose and whether ``quant.smooth`` scales the input."""
     rows = []
     for name, layer in quant_layers(qmodel).items():
         w = layer.plan.weight
@@ -27,13 +28,15 @@ def layer_table(qmodel: nn.Module) -> list[dict]:
             "a_bits": layer.a_bits if layer.a_bits is not None else FLOAT_BITS,
             "w_granularity": w.granularity if w is not None else "float",
             "w_sqnr_db": round(layer.weight_sqnr_db, 3),
+            "act_range": (layer.act.choice or layer.act.cfg.observer) if layer.act is not None else "",
+            "smoothed": layer.input_divisor is not None,
         })
     for name, module in qmodel.named_modules():
         if isinstance(module, QUANTIZABLE):
             rows.append({"name": name, "type": type(module).__name__,
                          "shape": "x".join(map(str, module.weight.shape)), "params": module.weight.numel(),
                          "w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS, "w_granularity": "float",
-                         "w_sqnr_db": float("inf")})
+                         "w_sqnr_db": float("inf"), "act_range": "", "smoothed": False})
     return rows
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +24,7 @@ from qsweep.data.cifar100 import (
     DataFileError,
     build_cifar100,
     cifar100_test_set,
+    load_split,
     mini_test_indices,
     read_cifar_pickle,
 )
@@ -236,3 +239,64 @@ def test_files_written_by_numpy_1_decode(fake, tmp_path):
     (folder / "test").write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
     b = build_cifar100(_cfg(tmp_path, test_set="full"))
     assert np.array_equal(_to_uint8(b.test[3][0]), x[3]) and b.test[3][1] == y[3]
+
+
+class _ObjectArray:
+    """Pickles as ``numpy.ndarray((n,), dtype('O'), raw)``: an object array of made-up pointers."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        return (np.ndarray, ((self.n,), np.dtype("O"), b"\x41" * 8 * self.n))
+
+
+class _ArrayWithState:
+    """Pickles as numpy's own ``_reconstruct`` + BUILD, with any dtype and data."""
+
+    def __init__(self, shape, dtype, raw):
+        self.state = (1, shape, dtype, False, raw)
+
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state)
+
+
+def test_crafted_numpy_pickle_is_refused_not_a_crash(fake, tmp_path):
+    """An object array built from raw bytes used to crash the process (exit 139) on reading the labels."""
+    folder = _copy(fake, tmp_path)
+    n = len(fake.test_y)
+    data = fake.test_x.reshape(n, 3072)
+    (folder / "test").write_bytes(pickle.dumps({b"data": data, b"fine_labels": _ObjectArray(n)}, protocol=2))
+    script = (
+        "import sys\n"
+        "from qsweep.data.cifar100 import DataFileError, load_split\n"
+        "try:\n"
+        f"    load_split({str(folder / 'test')!r})\n"
+        "except DataFileError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 3, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert "cifar-100-python/test" in out.stdout and "calls numpy.ndarray(...) directly" in out.stdout
+
+
+@pytest.mark.parametrize("labels, data, message", [
+    (lambda y: _ArrayWithState((len(y),), np.dtype("O"), b"\x41" * 8 * len(y)), None, "not a plain numeric"),
+    (lambda y: _ArrayWithState((len(y),), np.dtype([("a", "O")]), b"\0" * 8 * len(y)), None, "not a plain numeric"),
+    (lambda y: [float(v) for v in y], None, r"'fine_labels' is a list holding \d+\.0"),
+    (lambda y: y.astype(np.float32), None, r"'fine_labels' is a float32 array"),
+    (lambda y: y.tolist()[:-1], None, r"700 images but 699 labels"),
+    (lambda y: [v + 100 for v in y.tolist()], None, r"fine labels range 100\.\.199"),
+    (lambda y: y.tolist(), lambda x: _ArrayWithState((len(x), 3072), np.dtype("u1"), b"\0" * 10),
+     r"needs 2150400 bytes"),
+    (lambda y: y.tolist(), lambda x: x.astype(np.int16), r"'data' is int16 \(700, 3072\), expected uint8"),
+], ids=["object", "structured-object", "float-list", "float-array", "short", "range", "short-data", "data-dtype"])
+def test_malformed_arrays_and_labels_are_clear_errors(fake, tmp_path, labels, data, message):
+    folder = _copy(fake, tmp_path)
+    x, y = fake.test_x.reshape(len(fake.test_y), 3072), fake.test_y
+    payload = {b"data": x if data is None else data(x), b"fine_labels": labels(y)}
+    (folder / "test").write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(DataFileError, match=r"cifar-100-python/test.*" + message):
+        load_split(folder / "test")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qsweep.config import OBSERVERS, TensorQuantConfig
+from qsweep.config import OBSERVERS, WEIGHT_OBSERVERS, TensorQuantConfig
 from qsweep.quant.grid import Grid, fake_quantize, qparams
-from qsweep.quant.observers import KL_BINS, MSE_GRID_POINTS, ActivationObserver, weight_range
+from qsweep.quant.observers import (AUTO_CANDIDATES, CLIP_WARN_RATIO, KL_BINS, KL_MIN_PER_BIN, MSE_GRID_POINTS,
+                                   ActivationObserver, range_error, weight_range)
 
 W4 = Grid(4, symmetric=True)
 A8 = Grid(8, symmetric=False)
@@ -86,7 +87,7 @@ def test_iqr_matches_numpy_and_is_clipped_to_minmax():
 
 
 @pytest.mark.parametrize("grid", [W4, A8, Grid(2, False)], ids=str)
-@pytest.mark.parametrize("observer", OBSERVERS)
+@pytest.mark.parametrize("observer", WEIGHT_OBSERVERS)
 def test_every_estimator_stays_within_minmax(observer, grid):
     x = heavy_tailed((24, 256), seed=4) + 0.5
     lo, hi = weight_range(x, cfg(observer), grid)
@@ -95,7 +96,7 @@ def test_every_estimator_stays_within_minmax(observer, grid):
     assert (x.amin(1) <= lo).all() and (lo <= hi).all() and (hi <= x.amax(1)).all()
 
 
-@pytest.mark.parametrize("observer", OBSERVERS)
+@pytest.mark.parametrize("observer", WEIGHT_OBSERVERS)
 def test_constant_and_zero_rows_give_finite_ranges(observer):
     x = torch.zeros(4, 64)
     x[1] = 0.1
@@ -147,13 +148,13 @@ def test_mse_affine_grid_beats_minmax():
     assert (fq_error(x, lo, hi, A8) <= fq_error(x, x.amin(1), x.amax(1), A8)).all()
 
 
-def _kl_reference(a: np.ndarray, n_q: int) -> np.ndarray:
-    """KL(P || Q) of every candidate bin count i in [n_q, KL_BINS], computed directly."""
+def _kl_reference(a: np.ndarray, n_q: int, n_bins: int) -> np.ndarray:
+    """KL(P || Q) of every candidate bin count i in [n_q, n_bins], computed directly."""
     a = np.abs(a.astype(np.float32))
-    bins = np.minimum((a * (np.float32(KL_BINS) / a.max())).astype(np.int64), KL_BINS - 1)
-    hist = np.bincount(bins, minlength=KL_BINS).astype(np.float64)
-    kl = np.full(KL_BINS + 1, np.inf)
-    for i in range(n_q, KL_BINS + 1):
+    bins = np.minimum((a * (np.float32(n_bins) / a.max())).astype(np.int64), n_bins - 1)
+    hist = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    kl = np.full(n_bins + 1, np.inf)
+    for i in range(n_q, n_bins + 1):
         p = hist[:i].copy()
         p[-1] += hist[i:].sum()
         q = np.zeros(i)
@@ -177,10 +178,22 @@ def test_kl_clips_heavy_tails_at_the_minimum_divergence(grid):
     threshold = torch.maximum(-lo, hi)
     assert (threshold < absmax).all()
     n_q = grid.levels // 2 if grid.symmetric else grid.levels
+    n_bins = min(KL_BINS, x.shape[1] // KL_MIN_PER_BIN)
     for row in range(3):
-        kl = _kl_reference(x[row].numpy(), n_q)
-        chosen = round(float(threshold[row] / absmax[row]) * KL_BINS)
+        kl = _kl_reference(x[row].numpy(), n_q, n_bins)
+        chosen = round(float(threshold[row] / absmax[row]) * n_bins)
         assert kl[chosen] <= kl.min() + 1e-9
+
+
+def test_kl_on_short_weight_rows_does_not_collapse_the_range():
+    # 64 values a row at 4 bits: on a 2048-bin histogram a threshold at one lone value had zero
+    # divergence and clipped the whole row (a chance-level digits model).
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    lo, hi = weight_range(w, cfg("kl"), W4)
+    assert (torch.maximum(-lo, hi) >= 0.5 * w.abs().amax(1)).all()
+    err_kl = fq_error(w, lo, hi, W4)
+    err_minmax = fq_error(w, w.amin(1), w.amax(1), W4)
+    assert err_kl.sum() <= 1.5 * err_minmax.sum()
 
 
 def test_kl_without_enough_bins_keeps_minmax():
@@ -256,11 +269,12 @@ def test_activation_subsample_weighs_all_batches_equally():
     assert obs._stored <= 20_000
 
 
-@pytest.mark.parametrize("observer", ["percentile", "iqr", "mse", "kl"])
+@pytest.mark.parametrize("observer", ["percentile", "iqr", "mse", "kl", "auto"])
 def test_activation_sampled_estimators_stay_within_minmax_and_are_deterministic(observer):
     data = [heavy_tailed((8, 3000), seed=20 + i) for i in range(6)]
-    a = observe(observer, data, max_samples=4096)
-    assert a == observe(observer, data, max_samples=4096)
+    # 16384 values: enough for KL's histogram at 8 bits (KL_MIN_PER_BIN values a bin, 256 levels).
+    a = observe(observer, data, max_samples=1 << 14)
+    assert a == observe(observer, data, max_samples=1 << 14)
     mn = min(x.min().item() for x in data)
     mx = max(x.max().item() for x in data)
     assert mn <= a[0] <= a[1] <= mx
@@ -300,3 +314,59 @@ def test_activation_zero_stream_gives_finite_ranges():
     for observer in OBSERVERS:
         lo, hi = observe(observer, [torch.zeros(3, 7)] * 3)
         assert lo == hi == 0.0
+
+
+# ---------------------------------------------------------------- auto and the clipping check
+
+
+def outlier_tokens(n_batches=3, seed=0) -> list[torch.Tensor]:
+    """Tokens [batch, seq, 16] whose channel 3 is 40x larger than the rest: a transformer's outlier channel."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(4, 32, 16, generator=g)
+        x[..., 3] *= 40.0
+        out.append(x)
+    return out
+
+
+def observed(observer: str, data, **kw) -> ActivationObserver:
+    obs = ActivationObserver(cfg(observer, **kw), A8, token_rows=4096)
+    for x in data:
+        obs.update(x)
+    return obs
+
+
+def test_auto_picks_the_candidate_with_the_lowest_output_error():
+    data = outlier_tokens()
+    rows = torch.cat([x.reshape(-1, 16) for x in data])
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    weight[:, 3] *= 5.0  # the outlier channel also matters to the output
+    obs = observed("auto", data)
+    lo, hi = obs.range(consumer=weight)
+    best = range_error(rows, lo, hi, A8, weight)
+    for name, setting in AUTO_CANDIDATES:
+        other = observed(name, data, **setting).range()
+        assert best <= range_error(rows, *other, A8, weight) * (1 + 1e-6), name
+    assert obs.choice is not None
+
+
+def test_auto_without_a_consumer_scores_the_activation_itself():
+    data = [heavy_tailed((8, 3000), seed=30 + i) for i in range(3)]
+    obs = observed("auto", data)
+    lo, hi = obs.range()
+    values = torch.cat(obs._samples)
+    mm = range_error(values, torch.tensor(min(float(x.min()) for x in data)),
+                     torch.tensor(max(float(x.max()) for x in data)), A8, None)
+    assert range_error(values, lo, hi, A8, None) <= mm
+
+
+def test_a_destructive_clip_is_measured_against_minmax():
+    # Percentile clipping cuts the outlier channel that the consumer weighs: many times min-max's error.
+    data = outlier_tokens()
+    weight = torch.zeros(4, 16)
+    weight[:, 3] = 1.0
+    obs = observed("percentile", data, p=99.0)
+    obs.range(consumer=weight)
+    assert obs.error_vs_minmax > CLIP_WARN_RATIO
+    assert observed("minmax", data).error_vs_minmax is None

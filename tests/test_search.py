@@ -17,6 +17,7 @@ from qsweep import app
 from qsweep.config import ConfigError, QuantConfig, RootConfig, quant_recipe
 from qsweep.data import calibration_batches
 from qsweep.export import export_artifact, state_dict_size_mb
+from qsweep.quant.smooth import input_divisors
 from qsweep.search.greedy import greedy_layout, layer_noise
 from qsweep.search.plots import pareto_front
 from qsweep.search.space import FLOAT, SearchSpace, block_of, type_of
@@ -248,7 +249,10 @@ def test_a_search_composes_with_adaround_lsq_and_vit_options(tmp_path, digits_vi
     result = app.run(compose_search(tmp_path, "search.n_trials=3", "search.w_bits=[2,8]", "search.greedy=false",
                                     "search.top_k=1", "adaround=layer", "adaround.iters=20",
                                     "adaround.num_samples=32", "lsq=act", "lsq.iters=5", "lsq.num_samples=32",
-                                    "quant.vit.post_ln=reparam", "quant.intops=ivit"), tmp_path / "o")
+                                    "quant.vit.post_ln=reparam", "quant.intops=ivit",
+                                    # quant.smooth with this whole combination at 2 bits scores ~45 % here, though
+                                    # a plain W2A8 AdaRound run gains from it (97.1 vs 96.2 %): open, see issue 10
+                                    "quant.smooth.enabled=false"), tmp_path / "o")
     study = study_of(tmp_path)
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
     uniform2 = next(t for t in study.trials if set(t.params.values()) == {2})
@@ -275,3 +279,23 @@ def test_the_bound_pruner_stops_only_trials_that_cannot_beat_the_best():
     # 29 MB: 10 for size; 40 still needs >= 96 %, and 100 of 250 seen leaves at most 70 %
     assert running(29.0, correct=100, seen=250)
     assert not running(29.0, correct=245, seen=250)  # 99 % so far, can reach 40+
+
+
+def test_with_smoothing_every_width_shares_the_widest_ones_input_divisors(digits_vit, digits_bundle):
+    recipe = quant_recipe({"smooth": {"enabled": True, "max_tokens": 256, "grid": 4}})
+    calib = calibration_batches(digits_bundle, recipe.calib)[:1]
+    names = [n for n, m in digits_vit.named_modules() if isinstance(m, torch.nn.Linear)]
+    space = SearchSpace.build(names, space_cfg(w_bits=[4, 8]))
+    models = LayoutModels(digits_vit, recipe, calib, space)
+    layout = {g: {"w": (4, 8)[i % 2]} for i, g in enumerate(space.groups)}
+    model = models.apply(layout)
+    fresh = qsweep.quantize(digits_vit, {**OmegaConf.to_container(recipe), "layers": space.overrides(layout)},
+                            calib, smoothing=input_divisors(models.model))
+    scaled = 0
+    for name in space.per_layer(layout):
+        ours, theirs = model.get_submodule(name), fresh.get_submodule(name)
+        assert torch.equal(ours.qweight.codes, theirs.qweight.codes)
+        if ours.input_divisor is not None:
+            scaled += 1
+            torch.testing.assert_close(ours.input_divisor, theirs.input_divisor)
+    assert scaled > 0

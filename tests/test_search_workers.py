@@ -97,10 +97,11 @@ def kill_mid_trial(tmp_path: Path, storage: str, n_trials: int) -> None:
     # study would complete before reaching it.
     slow = (*SLOW, "search.warm_start=[8]", "search.greedy=false")
     doomed = worker(tmp_path, storage, n_trials, *slow)
+    # Killed only once its trial has an MLflow run: the state checked below, however slow the machine.
     running = wait_for(lambda: [t for t in trials_or_none(storage, study_name(tmp_path)) or []
-                                if t.state == TrialState.RUNNING
+                                if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
                                 and t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")], 300,
-                       "a running trial of the first worker")
+                       "a running trial of the first worker with its MLflow run")
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.wait()
     survivor = worker(tmp_path, storage, n_trials, *slow)

@@ -145,7 +145,7 @@ def test_calibrate_freezes_every_act_quantizer():
 @pytest.mark.parametrize("mode", ["reparam", "smooth"])
 def test_post_ln_keeps_float_output_and_flattens_channels(digits_vit, calib, test_images, mode):
     model = copy.deepcopy(digits_vit)
-    pairs = pre_norm_pairs(model)
+    pairs = pre_norm_pairs(model, runner(model, calib))
     assert [n for n, _, _ in pairs] == [f"blocks.{i}.norm{j}" for i in range(4) for j in (1, 2)]
     before = channel_ranges([norm for _, norm, _ in pairs], runner(model, calib))
     apply_vit(model, quant_recipe({"vit": {"post_ln": mode, "smooth_alpha": 0.5}}), runner(model, calib))
@@ -191,7 +191,7 @@ def test_errors_on_a_resnet():
 def test_smooth_alpha_one_equalizes_absmax(digits_vit, calib):
     model = copy.deepcopy(digits_vit)
     apply_vit(model, quant_recipe({"vit": {"post_ln": "smooth", "smooth_alpha": 1.0}}), runner(model, calib))
-    norms = [norm for _, norm, _ in pre_norm_pairs(model)]
+    norms = [norm for _, norm, _ in pre_norm_pairs(model, runner(model, calib))]
     for lo, hi in channel_ranges(norms, runner(model, calib)):
         # alpha = 1: s_j = max|X_j|, so every LN output channel peaks at exactly 1.
         torch.testing.assert_close(torch.maximum(-lo, hi), torch.ones_like(lo), rtol=1e-5, atol=0)

@@ -1,8 +1,9 @@
 """CIFAR-100 in torchvision's on-disk layout, preprocessed exactly as the lab's grader does.
 
 Layout: ``<root>/cifar-100-python/{train,test,meta}`` (the extracted ``cifar-100-python.tar.gz``).
-The pickles are read here with an unpickler that only reconstructs numpy arrays, so a tampered
-data file cannot run code; torchvision is used only to download (``data.download=true``).
+The pickles are read here with an unpickler that only rebuilds numeric numpy arrays, checked
+before numpy sees them, so a tampered data file can neither run code nor crash the process;
+torchvision is used only to download (``data.download=true``).
 
 Eval transform (the lab's): resize the 32x32 image to ``image_size`` (224) with bicubic
 interpolation (crop ratio 1.0), center crop ``image_size``, ``ToTensor``, ImageNet mean/std.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,32 +61,58 @@ def _positive_int(key: str, value, minimum: int = 1) -> int:
 
 
 # --------------------------------------------------------------------------- safe unpickling
+#
+# The unpickler never calls numpy on the file's data: the numpy constructors a CIFAR pickle names
+# only record their arguments (_Call), and _build turns the records into arrays after checking
+# them. Calling numpy directly is not safe: ndarray(shape, dtype('O'), raw_bytes) makes an object
+# array of raw pointers (reading it segfaults), and dtype.__setstate__ rewrites a dtype's layout.
+
+_NUMERIC_KINDS = "biuf"  # bool, signed / unsigned integer, float
+
+
+class _Call:
+    """A numpy constructor call from the pickle, kept as data (``state`` from BUILD) until :func:`_build`."""
+
+    def __init__(self, func: str, args: tuple):
+        self.func, self.args, self.state = func, args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _NdarrayClass:
+    """``numpy.ndarray`` as a pickle names it: the class ``_reconstruct`` rebuilds, never called itself."""
+
+    def __call__(self, *args):
+        raise ValueError("it calls numpy.ndarray(...) directly, which CIFAR-100 files never do")
+
+
+_NDARRAY = _NdarrayClass()
 
 
 def _allowed_globals() -> dict[tuple[str, str], object]:
-    """The only callables a CIFAR pickle may reference: numpy array/scalar reconstruction."""
+    """The only globals a CIFAR pickle may reference: numpy array/scalar reconstruction, as records."""
     import _codecs
 
-    try:  # numpy >= 2 (files written by numpy 1.x name numpy.core, mapped to the same functions)
-        from numpy._core import multiarray, numeric
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray, numeric
+    def record(func):
+        return lambda *args: _Call(func, args)
 
     allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): record("dtype"),
         # Python 3 pickles of ``bytes`` at protocol <= 2 go through _codecs.encode(str, "latin1").
         ("_codecs", "encode"): _codecs.encode,
     }
+    # numpy >= 2 writes numpy._core, files written by numpy 1.x (the real ones) numpy.core.
     for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+        allowed[(f"{package}.multiarray", "_reconstruct")] = record("reconstruct")
+        allowed[(f"{package}.multiarray", "scalar")] = record("scalar")
+        allowed[(f"{package}.numeric", "_frombuffer")] = record("frombuffer")  # protocol 5
     return allowed
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds dicts, lists, strings, numbers and numpy arrays, nothing else."""
+    """An unpickler that builds dicts, lists, strings, numbers and numpy records, nothing else."""
 
     def __init__(self, file, path: Path):
         super().__init__(file, encoding="bytes")
@@ -102,6 +130,65 @@ class _ArrayUnpickler(pickle.Unpickler):
         return obj
 
 
+def _text(value) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _dtype(call) -> np.dtype:
+    """A plain numeric dtype (bool, int, float) from a recorded ``numpy.dtype(code, align, copy)``."""
+    if not isinstance(call, _Call) or call.func != "dtype" or not call.args:
+        raise ValueError(f"an array's dtype is {type(call).__name__}, not a numpy.dtype")
+    code = _text(call.args[0])
+    state = call.state if call.state is not None else (3, "|", None, None, None)
+    if not isinstance(code, str) or not isinstance(state, tuple) or len(state) < 5:
+        raise ValueError(f"dtype {code!r} has an unreadable state {state!r}")
+    byteorder, subarray, names, fields = _text(state[1]), state[2], state[3], state[4]
+    dtype = np.dtype(code)
+    if (dtype.kind not in _NUMERIC_KINDS or dtype.names is not None or dtype.subdtype is not None
+            or (subarray, names, fields) != (None, None, None) or byteorder not in ("<", ">", "|", "=")):
+        raise ValueError(f"dtype {code!r} (state {state!r}) is not a plain numeric dtype; only bool, integer "
+                         "and float arrays are allowed (no object, structured or sub-array dtypes)")
+    return dtype.newbyteorder(byteorder) if byteorder in "<>" else dtype
+
+
+def _array(raw, dtype: np.dtype, shape, fortran: bool) -> np.ndarray:
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise ValueError(f"an array's shape is {shape!r}, not a tuple of sizes")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ValueError(f"an array's data is a {type(raw).__name__}, not bytes")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"an array of shape {shape} and dtype {dtype} needs {expected} bytes, the file has {len(raw)}")
+    flat = np.frombuffer(raw, dtype=dtype, count=math.prod(shape))
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _build(obj):
+    """``obj`` with every recorded numpy call replaced by the checked array or scalar it describes."""
+    if isinstance(obj, dict):
+        return {_build(k): _build(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_build(v) for v in obj)
+    if not isinstance(obj, _Call):
+        return obj
+    if obj.func == "reconstruct":  # numpy's ndarray.__reduce__: _reconstruct(ndarray, ...) then BUILD
+        if not obj.args or obj.args[0] is not _NDARRAY:
+            raise ValueError("_reconstruct rebuilds something other than numpy.ndarray")
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]  # (version, shape, dtype, is_fortran, data)
+        if not isinstance(state, tuple) or len(state) != 4:
+            raise ValueError(f"an array's state is {type(state).__name__}, not (shape, dtype, is_fortran, data)")
+        shape, dtype, fortran, raw = state
+        return _array(raw, _dtype(dtype), shape, bool(fortran))
+    if obj.func == "frombuffer" and len(obj.args) == 4:  # protocol 5: _frombuffer(buffer, dtype, shape, order)
+        raw, dtype, shape, order = obj.args
+        return _array(raw, _dtype(dtype), shape, _text(order) == "F")
+    if obj.func == "scalar" and len(obj.args) == 2:  # a numpy scalar: scalar(dtype, raw bytes)
+        return _array(obj.args[1], _dtype(obj.args[0]), (), False)[()]
+    raise ValueError(f"numpy.{obj.func} is called in a way numpy never pickles it")
+
+
 def read_cifar_pickle(path: str | Path) -> dict:
     """The dict in one CIFAR pickle (``train``, ``test`` or ``meta``), keys as bytes, safely."""
     path = Path(path)
@@ -110,7 +197,7 @@ def read_cifar_pickle(path: str | Path) -> dict:
     except OSError as exc:
         raise DataFileError(f"cannot read CIFAR-100 file {path}: {exc}") from None
     try:
-        obj = _ArrayUnpickler(io.BytesIO(raw), path).load()
+        obj = _build(_ArrayUnpickler(io.BytesIO(raw), path).load())
     except DataFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
@@ -125,6 +212,19 @@ def read_cifar_pickle(path: str | Path) -> dict:
     return {(k.encode() if isinstance(k, str) else k): v for k, v in obj.items()}
 
 
+def _label_problem(labels) -> str | None:
+    """What makes ``labels`` other than integers, or None (int64 conversion would round floats silently)."""
+    if isinstance(labels, np.ndarray):
+        integral = labels.ndim == 1 and labels.dtype.kind in "iu"
+        return None if integral else f"a {labels.dtype} array of shape {labels.shape}"
+    if not isinstance(labels, (list, tuple)):
+        return f"a {type(labels).__name__}"
+    for v in labels:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            return f"a list holding {v!r}"
+    return None
+
+
 def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, 3, 32, 32], fine labels int64 [N])`` from a ``train``/``test`` file."""
     path = Path(path)
@@ -136,10 +236,13 @@ def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataFileError(f"CIFAR-100 file {path}: 'data' is {desc}, expected uint8 [N, 3072]")
+    problem = _label_problem(labels)
+    if problem:
+        raise DataFileError(f"CIFAR-100 file {path}: 'fine_labels' is {problem}, expected a list of integers")
     try:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise DataFileError(f"CIFAR-100 file {path}: 'fine_labels' is not a list of integers ({exc})") from None
+    except OverflowError:
+        raise DataFileError(f"CIFAR-100 file {path}: 'fine_labels' holds an integer outside int64") from None
     if labels.shape[0] != data.shape[0]:
         raise DataFileError(f"CIFAR-100 file {path}: {data.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):

@@ -98,6 +98,10 @@ def build_model(cfg, bundle, cache_dir: Path, progress: bool = True) -> tuple[nn
         raise ConfigError(f"model.weights={weights!r} is not allowed; choose one of {list(WEIGHT_SOURCES)}")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"model.name={name!r} is not allowed; give 'digits_vit' or a timm model name")
+    if getattr(cfg, "source", "timm") == "hf":
+        from qsweep.models.hf import build_hf_model  # transformers is an optional extra
+
+        return build_hf_model(cfg, bundle)
 
     if checkpoint:
         if weights != "auto":

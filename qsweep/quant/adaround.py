@@ -154,8 +154,9 @@ class _Sources:
 
 def _layer_unit(sources: _Sources, name: str, layer: QuantLayer, cfg: Any) -> _Unit:
     xs, ys = sources.capture(name, layer)
-    if cfg.act_quant and layer.act is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        xs = [layer.scale_input(x) for x in xs]
+        if cfg.act_quant and layer.act is not None:
             xs = [layer.act(x) for x in xs]
     images = sum(y.shape[0] for y in ys)
     if isinstance(layer, QuantConv2d):

@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from qsweep.config import AdaRoundConfig, LSQConfig, quant_recipe, validate_adaround, validate_lsq
+from qsweep.config import AdaRoundConfig, LSQConfig, gptq_replaced_by, quant_recipe, validate_adaround, validate_lsq
 from qsweep.quant.fold import fold_batchnorm
 from qsweep.quant.intops import apply_intops
-from qsweep.quant.modules import QuantLayer, quant_module_for
+from qsweep.quant.modules import QuantLayer, QuantLinear, quant_module_for
 from qsweep.quant.plan import resolve_plan
 from qsweep.quant.quantizer import ActQuantizer, CalibrationError
+from qsweep.quant.smooth import smooth_linears
 from qsweep.quant.vit import apply_vit
 
 
@@ -51,18 +52,26 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 class QuantizeTimings:
     quantize_s: float = 0.0  # BN folding, planning, weight quantization
     calibrate_s: float = 0.0  # activation observation over the calibration batches
-    reconstruct_s: float = 0.0  # AdaRound and LSQ
-    reconstruct: dict[str, Any] = field(default_factory=dict)  # their statistics: {"adaround": ..., "lsq": ...}
+    reconstruct_s: float = 0.0  # GPTQ, AdaRound and LSQ
+    reconstruct: dict[str, Any] = field(default_factory=dict)  # their statistics: {"gptq": ..., "lsq": ...}
     folded_bn: list[str] = field(default_factory=list)
+    post_ln_skipped: dict[str, str] = field(default_factory=dict)  # quant.vit.post_ln: LayerNorm -> why not folded
+    smooth: dict[str, Any] = field(default_factory=dict)  # quant.smooth: the alpha chosen per layer
 
 
-def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any]) -> list[str]:
-    """Fold BN, apply ``quant.vit`` / ``quant.intops`` and swap every planned module for its quantized form.
+def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
+            smoothing: Mapping[str, torch.Tensor | None] | None = None,
+            report: QuantizeTimings | None = None) -> None:
+    """Fold BN, apply ``quant.vit`` / ``quant.intops`` / ``quant.smooth`` and swap in the quantized modules.
 
-    ``batches`` (the calibration batches) drive BN folding (the first one) and the ``quant.vit.post_ln``
-    statistics (all), both float rewrites done before the weights are quantized here, once. The ViT
-    and integer-op modules are installed before the swap and keep every module name the plan uses.
+    ``batches`` (the calibration batches) drive BN folding (the first one), the ``quant.vit.post_ln``
+    statistics and the ``quant.smooth`` search (all), float rewrites done before the weights are
+    quantized here, once. The ViT and integer-op modules are installed before the swap and keep every
+    module name the plan uses. ``smoothing``: per-layer scales chosen before (see
+    :func:`qsweep.quant.smooth.input_divisors`) instead of searching them. ``report`` receives the
+    folded BatchNorm names, the LayerNorms ``post_ln`` left alone and the ``alpha`` chosen per smoothed layer.
     """
+    report = report if report is not None else QuantizeTimings()
     recipe = quant_recipe(recipe)
     batches = list(batches)
     if not batches:
@@ -74,11 +83,13 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any]) -> list[str]:
             call_model(model, to_device(batch, device))
 
     folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
-    apply_vit(model, recipe, run)
+    report.post_ln_skipped = apply_vit(model, recipe, run)
     apply_intops(model, recipe)
-    for name, layer_plan in resolve_plan(model, recipe).items():
+    plans = resolve_plan(model, recipe)
+    alphas = smooth_linears(model, plans, recipe, run, smoothing) if recipe.smooth.enabled else {}
+    for name, layer_plan in plans.items():
         model.set_submodule(name, quant_module_for(model.get_submodule(name), layer_plan))
-    return folded
+    report.folded_bn, report.smooth = folded, alphas
 
 
 @torch.no_grad()
@@ -97,14 +108,16 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = False, 
         raise CalibrationError(f"batch {seen}: {exc}") from None
     if seen == 0 and layers:
         raise CalibrationError("calibration got no batches: give at least one calibration batch")
+    # A Linear's input is scored through its weight (observer=auto and the clipping check).
+    consumers = {id(m.act): m.weight for m in model.modules() if isinstance(m, QuantLinear) and m.act is not None}
     for act in layers:
-        act.freeze()
+        act.freeze(consumers.get(id(act)))
     return seen
 
 
 def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inplace: bool = False,
              progress: bool = False, timings: QuantizeTimings | None = None, adaround: Any = None,
-             lsq: Any = None) -> nn.Module:
+             lsq: Any = None, smoothing: Mapping[str, torch.Tensor | None] | None = None) -> nn.Module:
     """Quantize ``model`` with a ``conf/quant``-shaped ``recipe`` calibrated on ``calib_batches``.
 
     Args:
@@ -115,15 +128,19 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
         progress: show a progress bar over calibration.
         timings: filled with the seconds spent quantizing, calibrating and reconstructing.
         adaround: :class:`qsweep.config.AdaRoundConfig`, dict or DictConfig; None or mode ``off``: nearest
-            rounding. Runs after calibration against ``model`` (the FP reference).
+            rounding, or GPTQ's with ``recipe.gptq.enabled``. AdaRound (and LSQ on weights) take precedence
+            over the recipe's GPTQ. Runs after calibration against ``model`` (the FP reference).
         lsq: :class:`qsweep.config.LSQConfig` likewise; runs after AdaRound, except that with AdaRound on,
             weight step sizes are learned before it (LSQ re-rounds weights to nearest, which would undo it).
+        smoothing: with ``recipe.smooth.enabled``, per-layer input scales to reuse instead of searching
+            them (:func:`qsweep.quant.smooth.input_divisors` of an earlier result, e.g. another bit width).
 
     Returns:
         The model in eval mode with quantized modules (:class:`qsweep.quant.modules.QuantLayer`).
     """
     # Imported here: they build on this module's helpers.
     from qsweep.quant.adaround import apply_adaround
+    from qsweep.quant.gptq import apply_gptq
     from qsweep.quant.lsq import apply_lsq
     from qsweep.quant.reconstruct import merge_config
 
@@ -131,6 +148,8 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     ada_cfg = merge_config(AdaRoundConfig, adaround or {}, "adaround", validate_adaround)
     lsq_cfg = merge_config(LSQConfig, lsq or {}, "lsq", validate_lsq)
     reconstruct = ada_cfg.mode != "off" or lsq_cfg.mode != "off"
+    replaced = gptq_replaced_by(recipe.gptq, ada_cfg, lsq_cfg)
+    gptq = bool(recipe.gptq.enabled) and replaced is None
     batches = list(calib_batches)
     if not batches:
         raise CalibrationError("calibration got no batches: give at least one calibration batch")
@@ -139,18 +158,22 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     # The float modules prepare() rewrites in place (BN folding, quant.vit.post_ln) and then replaces:
     # their weights are what the quantized codes were rounded from.
     float_modules = ({n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-                     if reconstruct else {})
+                     if reconstruct or gptq else {})
     model.eval()
     timings = timings if timings is not None else QuantizeTimings()
+    if replaced is not None:
+        timings.reconstruct["gptq"] = {"skipped": replaced}
     start = time.perf_counter()
-    timings.folded_bn = prepare(model, recipe, batches)
+    prepare(model, recipe, batches, smoothing, timings)
     timings.quantize_s = time.perf_counter() - start
     start = time.perf_counter()
     calibrate(model, batches, progress=progress, seed=int(recipe.calib.seed))
     timings.calibrate_s = time.perf_counter() - start
-    if reconstruct:
+    if reconstruct or gptq:
         start = time.perf_counter()
         weights = {n: m.weight for n, m in float_modules.items()}
+        if gptq:
+            timings.reconstruct["gptq"] = apply_gptq(model, batches, recipe.gptq, weights, progress)
         lsq_mode = lsq_cfg.mode
         if ada_cfg.mode != "off":
             if lsq_mode in ("weight", "both"):

@@ -210,6 +210,7 @@ class IntGemm(nn.Module):
             corr = c * self.col_term
             self.register_buffer("col_corr", corr if bool((corr != 0).any()) else None)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        self.register_buffer("input_divisor", None if layer.input_divisor is None else layer.input_divisor.clone())
         use_torch = act_kernel == "torch_quantize" or (act_kernel == "auto" and torch_quantize_matches())
         if act_kernel == "torch_quantize" and not torch_quantize_matches():
             raise RuntimeError("torch.quantize_per_tensor does not reproduce the fake-quant grid here")
@@ -310,6 +311,8 @@ class IntLinear(IntGemm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.input_divisor is not None:
+            x = x / self.input_divisor  # quant.smooth, as QuantLayer.scale_input
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()

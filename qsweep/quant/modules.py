@@ -37,6 +37,9 @@ class QuantLayer(nn.Module):
         # Not persistent: the in-process model is not the artifact (see qsweep.export).
         self.register_buffer("weight", weight, persistent=False)
         self.packed: nn.Module | None = None  # set by the exporter: weight comes from packed codes
+        # quant.smooth: the weight above was multiplied by s per input channel; inputs are divided by it.
+        divisor = getattr(layer, "input_divisor", None)
+        self.register_buffer("input_divisor", None if divisor is None else divisor.detach().clone())
         self.act = ActQuantizer(plan.act, self.feature_dim, plan.name) if plan.act is not None else None
 
     @property
@@ -52,7 +55,12 @@ class QuantLayer(nn.Module):
         self.qweight = qweight
         self.weight = qweight.dequantize().to(self.weight.device)
 
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` divided per channel by ``quant.smooth``'s ``s`` (unchanged without smoothing)."""
+        return x if self.input_divisor is None else x / self.input_divisor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.scale_input(x)
         if self.act is not None:
             x = self.act(x)
         return self.op(x, self.packed() if self.packed is not None else self.weight)

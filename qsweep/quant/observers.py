@@ -11,6 +11,7 @@ Every estimator returns ranges inside the data's ``[min, max]`` with ``lo <= hi`
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,14 +25,23 @@ MSE_GRID_POINTS = 100
 _MSE_BLOCK_ELEMENTS = 1 << 20
 # Histogram resolution of the KL (entropy) observer, as in TensorRT's calibrator.
 KL_BINS = 2048
+# Fewer bins for fewer values: at least this many values per bin on average.
+KL_MIN_PER_BIN = 16
 # Upper bound on elements of one [rows, candidates, chunks] block of the KL search.
 _KL_BLOCK_ELEMENTS = 1 << 22
 
 # Activation subsampling draws runs of this many adjacent values (one 64-byte cache line).
 _SAMPLE_RUN = 16
 
-_SAMPLED = ("percentile", "iqr", "mse", "kl")
+_SAMPLED = ("percentile", "iqr", "mse", "kl", "auto")
 _KNOWN = ("minmax", "moving_average", "sigma") + _SAMPLED
+# The ranges ``auto`` chooses from, per layer: (observer, its setting).
+AUTO_CANDIDATES = (("minmax", {}), ("percentile", {"p": 99.9}), ("percentile", {"p": 99.99}),
+                   ("percentile", {"p": 99.999}), ("mse", {}), ("kl", {}))
+# An explicit clipping observer whose output error exceeds min-max's by this factor is reported.
+CLIP_WARN_RATIO = 2.0
+# Token rows (last-dim vectors) kept per activation to score ranges by the consumer's output error.
+TOKEN_ROWS = 1024
 
 
 def _check_observer(name: str) -> None:
@@ -110,14 +120,18 @@ def _kl_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Te
     smoothing); ``i = bins`` never clips, so some candidate is always finite.
     """
     n_q = grid.levels // 2 if grid.symmetric else grid.levels
-    if n_q >= KL_BINS:
+    # A sparse histogram makes KL degenerate: a threshold at one lone value keeps P and Q equal and
+    # clips everything else (a 64-wide weight row at 4 bits gave a chance-level model). So at least
+    # KL_MIN_PER_BIN values per bin on average; with fewer bins than levels nothing is clipped.
+    n_bins = min(KL_BINS, x.shape[1] // KL_MIN_PER_BIN)
+    if n_q >= n_bins:
         return mn, mx
     rows = x.shape[0]
     absmax = torch.maximum(-mn, mx)
-    inv_width = torch.where(absmax > 0, KL_BINS / absmax, torch.zeros_like(absmax))
-    bins = (x.abs() * inv_width[:, None]).long().clamp_(max=KL_BINS - 1)
-    bins += torch.arange(rows, device=x.device)[:, None] * KL_BINS
-    hist = torch.bincount(bins.reshape(-1), minlength=rows * KL_BINS).reshape(rows, KL_BINS).double()
+    inv_width = torch.where(absmax > 0, n_bins / absmax, torch.zeros_like(absmax))
+    bins = (x.abs() * inv_width[:, None]).long().clamp_(max=n_bins - 1)
+    bins += torch.arange(rows, device=x.device)[:, None] * n_bins
+    hist = torch.bincount(bins.reshape(-1), minlength=rows * n_bins).reshape(rows, n_bins).double()
 
     def prefix(v: Tensor) -> Tensor:
         return torch.nn.functional.pad(v.cumsum(dim=1), (1, 0))
@@ -128,7 +142,7 @@ def _kl_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Te
     # The [rows, candidates, chunks] work is memory bound; counts below 2^24 are exact in float32.
     work = torch.float32 if float(total.max()) <= 2**24 else torch.float64
     cum_mass_w, cum_nonzero_w = cum_mass.to(work), cum_nonzero.to(work)
-    cand = torch.arange(n_q, KL_BINS + 1, device=x.device)
+    cand = torch.arange(n_q, n_bins + 1, device=x.device)
     edges = (torch.arange(n_q + 1, device=x.device)[None, :] * cand[:, None]) // n_q  # [C, n_q + 1]
     flat_edges = edges.reshape(-1)
     last_bin = hist[:, cand - 1]
@@ -156,7 +170,7 @@ def _kl_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Te
         plogp = plogp_head[sl] + torch.xlogy(last_bin[sl] + clipped, last_bin[sl] + clipped)
         kl = (plogp - cross) / total[sl] - total[sl].log()
         best[sl] = kl.argmin(dim=1)
-    threshold = cand[best].float() * (absmax / KL_BINS)
+    threshold = cand[best].float() * (absmax / n_bins)
     return _clip(-threshold, threshold, mn, mx)
 
 
@@ -188,6 +202,8 @@ def weight_range(x2d: Tensor, cfg: Any, grid: Grid) -> tuple[Tensor, Tensor]:
         ValueError: unknown observer, a non 2-D/empty input, or NaN/Inf values.
     """
     _check_observer(cfg.observer)
+    if cfg.observer == "auto":
+        raise ValueError("observer 'auto' scores activation ranges through the weight they feed; not for weights")
     if x2d.dim() != 2 or x2d.numel() == 0:
         raise ValueError(f"weight_range expects a non-empty 2-D tensor, got shape {tuple(x2d.shape)}")
     x = x2d.detach().float()
@@ -205,6 +221,35 @@ def _raise_if_not_finite(mn: Tensor, mx: Tensor, what: str) -> None:
     if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
         kind = "NaN" if bool(torch.isnan(mn).any() | torch.isnan(mx).any()) else "Inf"
         raise ValueError(f"{what} contains {kind} values")
+
+
+class TokenSample:
+    """A uniform random sample of at most ``max_rows`` rows (tokens) from every batch seen."""
+
+    def __init__(self, max_rows: int, generator: torch.Generator):
+        self.max_rows, self.gen = max_rows, generator
+        self.keys = torch.empty(0)
+        self.rows: Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, rows: Tensor) -> None:
+        # Keep the rows with the smallest random keys so far: every row seen is equally likely kept.
+        keys = torch.cat([self.keys, torch.rand(rows.shape[0], generator=self.gen)])
+        rows = rows.detach().float().cpu()
+        rows = rows if self.rows is None else torch.cat([self.rows, rows])
+        if keys.numel() > self.max_rows:
+            keys, keep = keys.topk(self.max_rows, largest=False)
+            rows = rows[keep]
+        self.keys, self.rows = keys, rows
+
+
+def range_error(x: Tensor, lo: Tensor, hi: Tensor, grid: Grid, consumer: Tensor | None) -> float:
+    """Squared error that the range ``[lo, hi]`` causes: in ``consumer``'s output (``x @ consumer.T``), or in ``x``."""
+    scale, zero_point = qparams(lo, hi, grid)
+    noise = fake_quantize(x.clone(), scale, zero_point, grid) - x
+    if consumer is not None:
+        noise = noise @ consumer.t().to(noise)
+    return float(noise.square().sum())
 
 
 class ActivationObserver:
@@ -225,7 +270,7 @@ class ActivationObserver:
         seed: Seed of the subsampling; the result is deterministic given the batches and seed.
     """
 
-    def __init__(self, cfg: Any, grid: Grid, max_samples: int = 1 << 20, seed: int = 0):
+    def __init__(self, cfg: Any, grid: Grid, max_samples: int = 1 << 20, seed: int = 0, token_rows: int = 0):
         _check_observer(cfg.observer)
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -247,6 +292,9 @@ class ActivationObserver:
         self._stride = 1
         self._samples: list[Tensor] = []
         self._stored = 0
+        self._tokens = TokenSample(token_rows, self._gen) if token_rows and cfg.observer != "minmax" else None
+        self.choice: str | None = None  # auto: the range chosen
+        self.error_vs_minmax: float | None = None  # output (or input) error relative to min-max's
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
@@ -273,6 +321,8 @@ class ActivationObserver:
             self._update_moments(x, bmin, bmax)
         elif self.cfg.observer in _SAMPLED:
             self._update_sample(x.reshape(-1))
+        if self._tokens is not None:
+            self._tokens.update(x.reshape(-1, x.shape[-1]))
 
     def _update_moments(self, x: Tensor, bmin: Tensor, bmax: Tensor) -> None:
         # Float32 pairwise sums of values centred on the batch's mid-range: ~8x cheaper than
@@ -320,16 +370,33 @@ class ActivationObserver:
         self._stored = self._samples[0].numel()
 
     @torch.no_grad()
-    def range(self) -> tuple[Tensor, Tensor]:
+    def range(self, consumer: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Calibrated range as scalar float32 tensors ``lo <= hi`` within the exact min/max seen.
+
+        Args:
+            consumer: the 2-D weight ``[out, features]`` that multiplies this activation (a Linear's),
+                if any. ``auto`` scores candidate ranges by the error they cause in its output
+                (else in the activation itself); the other clipping observers are scored the same
+                way against min-max, in :attr:`error_vs_minmax`, so that a destructive clip shows.
 
         Raises:
             RuntimeError: no batch was observed.
         """
         if self._min is None:
             raise RuntimeError("observer saw no data")
+        if self.cfg.observer == "auto":
+            return self._auto(consumer)
+        lo, hi = self._range_of(self.cfg)
+        if self.cfg.observer != "minmax":
+            score = self._scorer(consumer)
+            if score is not None:
+                base = score(self._min, self._max)
+                self.error_vs_minmax = score(lo, hi) / base if base > 0 else 1.0
+        return lo, hi
+
+    def _range_of(self, cfg: Any) -> tuple[Tensor, Tensor]:
         mn, mx = self._min, self._max
-        observer = self.cfg.observer
+        observer = cfg.observer
         if observer == "minmax":
             return mn, mx
         if observer == "moving_average":
@@ -337,10 +404,39 @@ class ActivationObserver:
         if observer == "sigma":
             std = math.sqrt(max(self._m2, 0.0) / self._count)
             mean, std = (torch.tensor(v, dtype=torch.float32, device=mn.device) for v in (self._mean, std))
-            return _sigma_range(mean, std, float(self.cfg.n), mn, mx)
+            return _sigma_range(mean, std, float(cfg.n), mn, mx)
         if not self._stored:
             # Only with a tiny max_samples or tiny batches: no run was drawn.
             return mn, mx
         sample = torch.cat(self._samples)[None, :]
-        lo, hi = _estimate(sample, self.cfg, self.grid, mn.reshape(1), mx.reshape(1))
+        lo, hi = _estimate(sample, cfg, self.grid, mn.reshape(1), mx.reshape(1))
         return lo[0], hi[0]
+
+    def _scorer(self, consumer: Tensor | None):
+        """``(lo, hi) -> error`` on the token rows (through ``consumer`` when it fits), else on the values."""
+        rows = self._tokens.rows if self._tokens is not None else None
+        if rows is not None and consumer is not None and consumer.shape[-1] == rows.shape[-1]:
+            return lambda lo, hi: range_error(rows, lo.cpu(), hi.cpu(), self.grid, consumer.detach().float().cpu())
+        if self._stored:
+            values = torch.cat(self._samples)
+            return lambda lo, hi: range_error(values, lo.to(values.device), hi.to(values.device), self.grid, None)
+        return None
+
+    def _auto(self, consumer: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The candidate range with the lowest error; ties keep the earlier (wider) one, min-max first."""
+        score = self._scorer(consumer)
+        best = None
+        for observer, setting in AUTO_CANDIDATES:
+            lo, hi = self._range_of(SimpleNamespace(**{**_settings(self.cfg), "observer": observer, **setting}))
+            if score is None:
+                best = (0.0, lo, hi, observer)
+                break
+            err = score(lo, hi)
+            if best is None or err < best[0]:
+                best = (err, lo, hi, observer + "".join(f"({v})" for v in setting.values()))
+        self.choice = best[3]
+        return best[1], best[2]
+
+
+def _settings(cfg: Any) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in ("momentum", "p", "n", "k")}

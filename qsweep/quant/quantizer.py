@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -10,13 +11,17 @@ from torch import nn
 from qsweep.config import ConfigError, TensorQuantConfig
 from qsweep.errors import QsweepError
 from qsweep.quant.grid import Grid, dequantize, fake_quantize, qparams, quantize
-from qsweep.quant.observers import ActivationObserver, weight_range
+from qsweep.quant.observers import CLIP_WARN_RATIO, TOKEN_ROWS, ActivationObserver, weight_range
 
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CalibrationError(QsweepError):
     """Calibration met data it cannot use (NaN/Inf, no batches)."""
+
+
+class ClippingWarning(UserWarning):
+    """A clipping activation observer costs a layer much more output error than min-max would."""
 
 
 def weight_view(weight: torch.Tensor, cfg: TensorQuantConfig, name: str) -> torch.Tensor:
@@ -31,11 +36,29 @@ def weight_view(weight: torch.Tensor, cfg: TensorQuantConfig, name: str) -> torc
     if cfg.granularity == "per_channel" or cfg.group_size >= cols:
         return w2.unsqueeze(1)
     if cols % cfg.group_size:
+        divisor = max(d for d in range(1, cfg.group_size) if cols % d == 0)
         raise ConfigError(
             f"quant.weight.group_size={cfg.group_size} does not divide the {cols} input features of {name!r}; "
-            f"use a divisor of {cols}, or override it for this layer with quant.layers.{name}.group_size"
+            f"use a divisor of {cols} (e.g. {divisor}), or set it for this layer alone: "
+            f"{_layer_override(name, f'group_size: {divisor}')}"
         )
     return w2.reshape(w2.shape[0], cols // cfg.group_size, cfg.group_size)
+
+
+def _layer_override(name: str, setting: str) -> str:
+    """The command-line override giving layer ``name`` alone ``setting`` (e.g. ``group_size: 24``).
+
+    ``++``: a plain ``quant.layers=...`` cannot add keys to the recipe's (struct) mapping. Hydra
+    reads a dict key like ``0.1`` as a number, so such a name becomes a glob (``0?1``) instead.
+    """
+    if "." not in name:
+        return f"'++quant.layers.{name}={{{setting}}}'"
+    try:
+        float(name)
+        key = name.replace(".", "?")
+    except ValueError:
+        key = name
+    return f"'++quant.layers={{{key}: {{{setting}}}}}'"
 
 
 @dataclass
@@ -96,19 +119,28 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.observer: ActivationObserver | None = None
+        self.choice: str | None = None  # observer=auto: the range it chose
 
     def start_observing(self, seed: int = 0) -> None:
         if not self.dynamic:
-            self.observer = ActivationObserver(self.cfg, self.grid, seed=seed)
+            rows = TOKEN_ROWS if self.feature_dim == -1 else 0
+            self.observer = ActivationObserver(self.cfg, self.grid, seed=seed, token_rows=rows)
 
-    def freeze(self) -> None:
+    def freeze(self, consumer: torch.Tensor | None = None) -> None:
+        """Fix the qparams from what was observed; ``consumer``: the weight this input feeds, if any."""
         if self.observer is None:
             return
         try:
-            lo, hi = self.observer.range()
+            lo, hi = self.observer.range(consumer)
         except RuntimeError as exc:
             raise CalibrationError(f"{self.layer_name}: {exc} (no calibration batch reached this layer)") from None
         self.scale, self.zero_point = qparams(lo, hi, self.grid)
+        self.choice = self.observer.choice
+        ratio = self.observer.error_vs_minmax
+        if ratio is not None and ratio > CLIP_WARN_RATIO:
+            warnings.warn(f"quant.act.observer={self.cfg.observer}: the range it gives {self.layer_name!r} causes "
+                          f"{ratio:.1f}x the output error of min-max (it clips values that matter); "
+                          "observer=auto chooses per layer", ClippingWarning, stacklevel=2)
         self.observer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

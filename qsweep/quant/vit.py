@@ -1,11 +1,14 @@
-"""ViT-aware quantization of timm vision transformers (``quant.vit``).
+"""ViT-aware quantization of vision transformers (``quant.vit``).
 
 * ``attn_matmul``: every timm ``Attention`` becomes a :class:`QuantAttention` that fake-quantizes
   q, k, v (``attn_bits``) and the softmax output (``softmax_bits``, uniform or :class:`Log2Quantizer`),
   so both attention matmuls run on integer grids, not only the Linear layers.
-* ``post_ln``: the pre-norm LayerNorm -> Linear pairs of timm ``Block`` s (``norm1 -> attn.qkv``,
-  ``norm2 -> mlp.fc1``) are rewritten in float, before the weights are quantized, so that the
-  LayerNorm output has similar ranges in every channel and one per-tensor quantizer fits it.
+* ``post_ln``: the pre-norm LayerNorm -> Linear pairs (timm ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1``;
+  HF ViT/DeiT ``layernorm_before -> q/k/v_proj``, ...) are found by structure on one calibration batch
+  (a Linear whose input is the LayerNorm's output tensor) and rewritten in float, before the weights
+  are quantized; a fold that would change the model (a post-norm residual also reads the LayerNorm
+  output, as in BERT) is undone and reported. The rewrite gives the LayerNorm output similar
+  ranges in every channel, so one per-tensor quantizer fits it.
   ``reparam`` (RepQ-ViT, Li et al. 2023) moves a per-channel offset and scale of the LN output
   into the LN affine and the next Linear; ``smooth`` (SmoothQuant, Xiao et al. 2023) divides
   each channel by ``s_j = max|X_j|^a / max|W_j|^(1-a)`` and multiplies the next weights by it.
@@ -14,26 +17,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from qsweep.config import ConfigError, TensorQuantConfig
 from qsweep.quant.quantizer import ActQuantizer
 
-__all__ = ["Log2Quantizer", "QuantAttention", "act_config", "apply_vit", "channel_ranges", "pre_norm_pairs",
-           "quantize_attention", "reparam_post_ln", "smooth_post_ln", "wrap_attention"]
+__all__ = ["Log2Quantizer", "QuantAttention", "act_config", "apply_vit", "channel_ranges", "fold_checked",
+           "model_output", "pre_norm_pairs", "quantize_attention", "relative_error", "reparam_divisor",
+           "smooth_divisor", "wrap_attention"]
+
+log = logging.getLogger(__name__)
 
 # A channel narrower than this fraction of the mean width is widened to it: reparam divides by widths.
 _MIN_WIDTH = 1e-3
 # Floor of max|X_j| and max|W_j| in SmoothQuant's ratio (a dead channel would give 0 or inf).
 _SMOOTH_FLOOR = 1e-5
+# A fold is kept when the model output on a calibration batch moves by at most this relative error:
+# exact folds move it by float rounding (~1e-7 measured), a fold into a post-norm residual by O(1).
+FOLD_RTOL = 1e-4
 
 
 def act_config(recipe: Any) -> TensorQuantConfig:
@@ -57,10 +66,10 @@ class Log2Quantizer(ActQuantizer):
         super().__init__(TensorQuantConfig(bits=bits, symmetric=False, observer="minmax"), -1, name)
         self.max_exponent = 2**bits - 2
 
-    def freeze(self) -> None:
+    def freeze(self, consumer: torch.Tensor | None = None) -> None:
         if self.observer is None:
             return
-        super().freeze()
+        super().freeze(consumer)
         # The uniform grid's scale covers [0, max] in 2^b - 1 steps; the log2 grid's top level is max.
         self.scale = self.scale * (self.grid.qmax - self.grid.qmin)
 
@@ -150,20 +159,47 @@ def quantize_attention(attn: QuantAttention, recipe: Any, name: str) -> None:
         attn.softmax_quant = ActQuantizer(prob_cfg, -1, f"{name}.softmax")
 
 
-def pre_norm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, list[nn.Linear]]]:
-    """``(norm name, norm, Linear layers reading its output)`` for the pre-norms of timm ``Block`` s."""
-    pairs = []
-    for name, block in model.named_modules():
-        if not isinstance(block, Block):
-            continue
-        attn, mlp = block.attn, block.mlp
-        if isinstance(block.norm1, nn.LayerNorm) and isinstance(attn, (Attention, QuantAttention)):
-            readers = [attn.qkv] + ([attn.gate] if getattr(attn, "gate", None) is not None else [])
-            if all(isinstance(r, nn.Linear) for r in readers):
-                pairs.append((f"{name}.norm1", block.norm1, readers))
-        if isinstance(block.norm2, nn.LayerNorm) and isinstance(getattr(mlp, "fc1", None), nn.Linear):
-            pairs.append((f"{name}.norm2", block.norm2, [mlp.fc1]))
-    return pairs
+Pair = tuple[str, nn.LayerNorm, list[nn.Linear]]
+
+
+def _first_arg(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("input")
+
+
+@torch.no_grad()
+def pre_norm_pairs(model: nn.Module, run: Callable[..., Any]) -> list[Pair]:
+    """``(norm name, norm, Linear layers reading its output)``, found by running one batch (``run(1)``).
+
+    A Linear reads a LayerNorm when its input is that LayerNorm's output tensor itself (identity, not
+    value): timm ``Block`` s, HF ViT/DeiT, torchvision ViT MLPs, but also post-norm BERT layers, where
+    the output feeds the residual too. Folding is only exact in the first case: see :func:`fold_checked`.
+    Norms and readers come in module order.
+    """
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    norms = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    outputs: dict[int, tuple[int, torch.Tensor]] = {}  # id(output) -> (id(norm), output kept alive)
+    readers: dict[int, dict[int, nn.Linear]] = {}
+
+    def on_norm(norm: nn.Module, _args: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = (id(norm), out)
+
+    def on_linear(lin: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _first_arg(args, kwargs)
+        hit = outputs.get(id(x))
+        if hit is not None and hit[1] is x:
+            readers.setdefault(hit[0], {})[id(lin)] = lin
+
+    handles = [m.register_forward_hook(on_norm) for _, m in norms.values()]
+    handles += [m.register_forward_pre_hook(on_linear, with_kwargs=True)
+                for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        run(1)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = [(*norms[key], sorted(lins.values(), key=lambda m: order[id(m)])) for key, lins in readers.items()]
+    return sorted(pairs, key=lambda pair: order[id(pair[1])])
 
 
 @torch.no_grad()
@@ -189,20 +225,16 @@ def channel_ranges(modules: list[nn.Module], run: Callable[[], Any]) -> list[tup
     return [(lo, hi) for lo, hi in ranges]
 
 
-def _affine(norm: nn.LayerNorm, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if norm.weight is None:
-        raise ConfigError(f"quant.vit.post_ln needs an affine LayerNorm to fold into; {name} has "
-                          "elementwise_affine=False")
+def _affine(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     if norm.bias is None:
         norm.bias = nn.Parameter(torch.zeros_like(norm.weight), requires_grad=False)
     return norm.weight, norm.bias
 
 
 @torch.no_grad()
-def _fold(norm: nn.LayerNorm, name: str, readers: list[nn.Linear], div: torch.Tensor,
-          offset: torch.Tensor | None = None) -> None:
+def _fold(norm: nn.LayerNorm, readers: list[nn.Linear], div: torch.Tensor, offset: torch.Tensor | None = None) -> None:
     """LN output ``y -> (y - offset) / div`` per channel; each reader's ``W y + b`` is kept unchanged."""
-    weight, bias = _affine(norm, name)
+    weight, bias = _affine(norm)
     weight.copy_(weight / div)
     bias.copy_((bias if offset is None else bias - offset) / div)
     for lin in readers:
@@ -215,51 +247,146 @@ def _fold(norm: nn.LayerNorm, name: str, readers: list[nn.Linear], div: torch.Te
         lin.weight.mul_(div)
 
 
-def reparam_post_ln(pairs: list[tuple[str, nn.LayerNorm, list[nn.Linear]]],
-                    ranges: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def reparam_divisor(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RepQ-ViT-style reparameterization: center each LN output channel and give it the mean width.
 
     Channel ``c`` spans ``[lo_c, hi_c]``; after ``y -> (y - (lo_c + hi_c) / 2) / r_c`` with
     ``r_c = (hi_c - lo_c) / mean(hi - lo)`` every channel spans the same interval, so a per-tensor
-    grid fits all of them (symmetric or affine alike).
+    grid fits all of them (symmetric or affine alike). Returns ``(r, offset)``.
     """
-    for (name, norm, readers), (lo, hi) in zip(pairs, ranges):
-        width = hi - lo
-        width = width.clamp_min(_MIN_WIDTH * width.mean().clamp_min(torch.finfo(torch.float32).eps))
-        _fold(norm, name, readers, width / width.mean(), offset=(lo + hi) / 2)
+    width = hi - lo
+    width = width.clamp_min(_MIN_WIDTH * width.mean().clamp_min(torch.finfo(torch.float32).eps))
+    return width / width.mean(), (lo + hi) / 2
 
 
-def smooth_post_ln(pairs: list[tuple[str, nn.LayerNorm, list[nn.Linear]]],
-                   ranges: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> None:
+def smooth_divisor(readers: list[nn.Linear], lo: torch.Tensor, hi: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant: LN output channel ``j`` divided by ``s_j``, the readers' input column ``j`` multiplied."""
+    x_max = torch.maximum(-lo, hi).clamp_min(_SMOOTH_FLOOR)
+    w_max = torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in readers]).amax(dim=0)
+    w_max = w_max.float().clamp_min(_SMOOTH_FLOOR)
+    return x_max.pow(alpha) / w_max.pow(1.0 - alpha)
+
+
+def _snapshot(modules: list[nn.Module]) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]:
+    return [(m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m in modules]
+
+
+@torch.no_grad()
+def _restore(snapshot: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]) -> None:
+    for module, weight, bias in snapshot:
+        module.weight.copy_(weight)
+        if bias is None:
+            module.bias = None  # the fold created it
+        else:
+            module.bias.copy_(bias)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple/list, dict or HF ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach()] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _leaves(item)]
+    return []
+
+
+@torch.no_grad()
+def model_output(model: nn.Module, run: Callable[..., Any]) -> list[torch.Tensor]:
+    """The float tensors ``model`` returns on the first batch (``run(1)``), seen by a forward hook."""
+    seen: list[Any] = []
+    handle = model.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        run(1)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ConfigError("quant.vit.post_ln: the calibration run never called the model")
+    return _leaves(seen[0])
+
+
+def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """The largest ``|out - ref| / |ref|`` (Frobenius norms) over the output tensors."""
+    errors = [((o.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item() for o, r in zip(out, ref)]
+    return max(errors, default=0.0)
+
+
+def _cannot_fold(norm: nn.LayerNorm, lo: torch.Tensor) -> str | None:
+    if norm.weight is None:
+        return "elementwise_affine=False: no LayerNorm affine to fold into"
+    if norm.weight.numel() != lo.numel():
+        return f"normalizes {tuple(norm.normalized_shape)}, not only the {lo.numel()} output channels"
+    return None
+
+
+def fold_checked(model: nn.Module, run: Callable[..., Any], pairs: list[Pair],
+                 ranges: list[tuple[torch.Tensor, torch.Tensor]],
+                 divisor: Callable[[list[nn.Linear], torch.Tensor, torch.Tensor], tuple]) -> dict[str, str]:
+    """Fold each pair (``divisor(readers, lo, hi) -> (div, offset or None)``), keeping only exact folds.
+
+    After each fold the model's output on the first batch must stay within ``FOLD_RTOL`` of the output
+    before it; otherwise the fold is undone: the LayerNorm output has other readers (a post-norm
+    residual), which the fold would change. Returns ``{norm name: why it was skipped}``.
+    """
+    skipped: dict[str, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    ref = model_output(model, run)
     for (name, norm, readers), (lo, hi) in zip(pairs, ranges):
-        x_max = torch.maximum(-lo, hi).clamp_min(_SMOOTH_FLOOR)
-        w_max = torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in readers]).amax(dim=0)
-        w_max = w_max.float().clamp_min(_SMOOTH_FLOOR)
-        s = x_max.pow(alpha) / w_max.pow(1.0 - alpha)
-        _fold(norm, name, readers, s)
+        reason = _cannot_fold(norm, lo)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        snapshot = _snapshot([norm, *readers])
+        _fold(norm, readers, *divisor(readers, lo, hi))
+        out = model_output(model, run)
+        error = relative_error(out, ref)
+        if error > FOLD_RTOL:
+            _restore(snapshot)
+            skipped[name] = (f"folding into {[names[id(r)] for r in readers]} "
+                             f"changes the model output (relative error {error:.2g} > {FOLD_RTOL:g}): its output "
+                             "has other readers, e.g. the residual stream of a post-norm block")
+        else:
+            ref = out
+    return skipped
 
 
-def apply_vit(model: nn.Module, recipe: Any, run: Callable[[], Any]) -> None:
+def apply_vit(model: nn.Module, recipe: Any, run: Callable[..., Any]) -> dict[str, str]:
     """Apply ``recipe.vit`` to a float model: ``post_ln`` rewrite (statistics from ``run``), then attention.
 
-    Call before the weights are quantized. Everything off: the model is not touched.
+    ``run(limit=None)`` feeds the first ``limit`` calibration batches (all with None) to the model. Call
+    before the weights are quantized. Everything off: the model is not touched. Returns the LayerNorms
+    ``post_ln`` left alone, ``{name: reason}`` (also logged).
     """
     vit = recipe.vit
+    skipped: dict[str, str] = {}
     if vit.post_ln != "off":
-        pairs = pre_norm_pairs(model)
-        if not pairs:
-            raise ConfigError(f"quant.vit.post_ln={vit.post_ln!r} needs timm ViT Blocks whose LayerNorm feeds a "
-                              f"Linear (norm1 -> attn.qkv, norm2 -> mlp.fc1); {type(model).__name__} has none. "
-                              "Use quant.vit.post_ln=off")
-        ranges = channel_ranges([norm for _, norm, _ in pairs], run)
-        if vit.post_ln == "reparam":
-            reparam_post_ln(pairs, ranges)
-        else:
-            smooth_post_ln(pairs, ranges, float(vit.smooth_alpha))
+        skipped = _post_ln(model, vit, run)
     if vit.attn_matmul:
         if not any(isinstance(m, (Attention, QuantAttention)) for m in model.modules()):
             raise ConfigError(f"quant.vit.attn_matmul=True needs timm Attention modules (timm.layers.Attention); "
                               f"{type(model).__name__} has none. Use quant.vit.attn_matmul=false")
         for name, attn in wrap_attention(model).items():
             quantize_attention(attn, recipe, name)
+    return skipped
+
+
+def _post_ln(model: nn.Module, vit: Any, run: Callable[..., Any]) -> dict[str, str]:
+    pairs = pre_norm_pairs(model, run)
+    if not pairs:
+        raise ConfigError(f"quant.vit.post_ln={vit.post_ln!r} needs LayerNorms whose output feeds Linear layers "
+                          f"(pre-norm transformer blocks: LayerNorm -> qkv / fc1); {type(model).__name__} has "
+                          "none. Use quant.vit.post_ln=off")
+    ranges = channel_ranges([norm for _, norm, _ in pairs], run)
+    if vit.post_ln == "reparam":
+        skipped = fold_checked(model, run, pairs, ranges, lambda _readers, lo, hi: reparam_divisor(lo, hi))
+    else:
+        alpha = float(vit.smooth_alpha)
+        skipped = fold_checked(model, run, pairs, ranges,
+                               lambda readers, lo, hi: (smooth_divisor(readers, lo, hi, alpha), None))
+    for name, reason in skipped.items():
+        log.warning("quant.vit.post_ln=%s: left %s alone: %s", vit.post_ln, name, reason)
+    if len(skipped) == len(pairs):
+        log.warning("quant.vit.post_ln=%s changed nothing in %s: no LayerNorm -> Linear pair folds exactly",
+                    vit.post_ln, type(model).__name__)
+    return skipped

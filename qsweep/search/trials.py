@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from qsweep.config import quant_recipe
 from qsweep.export import artifact_size_mb
 from qsweep.quant.calibrate import quantize
+from qsweep.quant.smooth import input_divisors
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.quant.packed import PackedWeight
 from qsweep.search.space import FLOAT, SearchSpace
@@ -76,11 +77,14 @@ class LayoutModels:
         learned = any(c is not None and c.mode != "off" for c in (adaround, lsq))
         reconstruct = {"adaround": adaround, "lsq": lsq} if learned else {}
         # Weights need all the calibration data only where something learns from it (AdaRound, LSQ)
-        # or rewrites float weights from activation statistics (quant.vit.post_ln).
-        weight_calib = calib if learned or recipe.vit.post_ln != "off" else calib[:1]
+        # or rewrites float weights from activation statistics (quant.vit.post_ln), or GPTQ needs Hessians.
+        weight_calib = calib if learned or recipe.vit.post_ln != "off" or recipe.gptq.enabled else calib[:1]
 
         self.model = quantize(model, recipe_with(recipe, space.layers, w_bits=top_w, **a_override), calib,
                               progress=progress, **reconstruct)
+        # quant.smooth: every width reuses the widest one's input scales, since a layout pairs one
+        # width's weight codes with another's activation quantizer (which quantizes x / s).
+        reconstruct["smoothing"] = input_divisors(self.model) if recipe.smooth.enabled else None
         self.quant_modules = {n: self.model.get_submodule(n) for n in space.layers}
         self.weights = {(n, top_w): m.qweight for n, m in self.quant_modules.items()}
         for w in widths:
