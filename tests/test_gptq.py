@@ -98,6 +98,19 @@ def test_conv_is_rounded_and_a_depthwise_conv_is_skipped():
         assert (rounded[0](x) - ref).norm() < (nearest[0](x) - ref).norm()
 
 
+def test_the_hessian_sees_smoothed_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    x = correlated(256, 64) * torch.linspace(0.1, 10.0, 64)  # channels of very different ranges
+    recipe = {"weight": {"bits": 4}, "act": {"bits": None}, "smooth": {"enabled": True, "alpha": 0.5}}
+    nearest, rounded, stats = quantize_both(model, recipe, [x], num_samples=256)
+    s = nearest[0].input_divisor
+    assert s is not None
+    out = (x / s) @ (model[0].weight * s - nearest[0].qweight.dequantize()).T
+    assert stats["layers"]["0"]["error_before"] == pytest.approx(2.0 / 256 * out.pow(2).sum().item(), rel=1e-4)
+    assert stats["layers"]["0"]["error_after"] < stats["layers"]["0"]["error_before"]
+
+
 def test_exported_program_matches_the_gptq_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 10)).eval()
@@ -121,7 +134,8 @@ def test_bad_gptq_values_are_refused(gptq_cfg, key):
         qsweep.quantize(nn.Sequential(nn.Linear(4, 4)), {"gptq": {**GPTQ, **gptq_cfg}}, [torch.randn(2, 4)])
 
 
-@pytest.mark.parametrize("other", [{"adaround": {"mode": "layer", "iters": 2}}, {"lsq": {"mode": "weight", "iters": 2}}])
+@pytest.mark.parametrize("other", [{"adaround": {"mode": "layer", "iters": 2}},
+                                   {"lsq": {"mode": "weight", "iters": 2}}])
 def test_a_re_rounding_method_chosen_for_the_run_replaces_the_recipes_gptq(other):
     key = f"{next(iter(other))}.mode"
     timings = QuantizeTimings()

@@ -2,15 +2,15 @@
 yet rounded (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers").
 
-For a layer with weight ``W [rows, cols]`` and inputs ``X [n, cols]`` (as its op sees them: after
-its own input quantizer; a conv's inputs unfolded into patches), rounding ``W`` to ``Q`` costs
-``tr((W - Q) H (W - Q)^T)`` on the calibration data, with ``H = 2/n X^T X``. With ``U`` the upper
-Cholesky factor of ``H^-1``, rounding column ``j`` and subtracting ``(w_j - q_j) / U_jj * U_j,j+1:``
-from the later columns is the Optimal Brain Surgeon update for that column. Within a block of
-``block_size`` columns it is applied column by column, to the columns after the block once per
-block (lazy batch updates). Codes stay on the layer's own grid: the scales and zero points the
-recipe's observer chose are kept (looked up per column, so ``act_order`` works with static
-groups), and the exporter packs the result like any other layer.
+For a layer with weight ``W [rows, cols]`` and inputs ``X [n, cols]`` as its op sees them (after
+``quant.smooth``'s divisor and its input quantizer; a conv's unfolded into patches), rounding
+``W`` to ``Q`` costs ``tr((W - Q) H (W - Q)^T)`` on the calibration data, with ``H = 2/n X^T X``.
+With ``U`` the upper Cholesky factor of ``H^-1``, rounding column ``j`` and subtracting
+``(w_j - q_j) / U_jj * U_j,j+1:`` from the later columns is the Optimal Brain Surgeon update for
+that column. Within a block of ``block_size`` columns it is applied column by column, to the
+columns after the block once per block (lazy batch updates). Codes stay on the layer's own grid:
+the scales and zero points the recipe's observer chose are kept (looked up per column, so
+``act_order`` works with static groups), and the exporter packs the result like any other layer.
 
 With ``sequential`` the layers go by groups in execution order (a residual / transformer block,
 or a layer outside any block), each group's inputs taken from the model with every earlier
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -90,6 +90,24 @@ def input_rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class _OpInputHook:
+    """Calls ``fn`` on each input of ``layer.op``: the layer's input as its weight sees it, after
+    whatever its forward does first (``quant.smooth``'s divisor, the input quantizer)."""
+
+    def __init__(self, layer: QuantLayer, fn: Callable[[torch.Tensor], None]):
+        self.layer = layer
+        op = type(layer).op
+
+        def observed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            fn(x)
+            return op(layer, x, weight)
+
+        layer.op = observed
+
+    def remove(self) -> None:
+        del self.layer.op
+
+
 class Collector:
     """Forward passes over the calibration samples that collect the Hessians of some layers.
 
@@ -118,16 +136,13 @@ class Collector:
         replay: dict[str, Iterator[Any]] = {}
         piece = 0
 
-        def add(name: str, layer: QuantLayer):
+        def add(name: str, layer: QuantLayer) -> _OpInputHook:
             def hook(x: torch.Tensor) -> None:
                 rows = input_rows(layer, x)
                 if name not in hessians:
                     hessians[name] = Hessian(rows.shape[1], rows.device)
                 hessians[name].add(rows)
-            # The op's input: the layer's input quantizer's output, else the layer's own input.
-            if layer.act is None:
-                return layer.register_forward_pre_hook(lambda mod, args: hook(layer.scale_input(args[0])))
-            return layer.act.register_forward_hook(lambda mod, args, out: hook(out))
+            return _OpInputHook(layer, hook)
 
         def keep(group: str):
             return lambda mod, args, out: record[group][piece].append(out)

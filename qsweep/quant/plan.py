@@ -36,7 +36,7 @@ def _unmatched(key: str, pattern: str, candidates: list[str], all_names: list[st
     )
 
 
-def tensor_config(cfg: Any) -> TensorQuantConfig:
+def _tensor_cfg(cfg: Any) -> TensorQuantConfig:
     if isinstance(cfg, TensorQuantConfig):
         return cfg
     return TensorQuantConfig(**OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else TensorQuantConfig(**cfg)
@@ -68,8 +68,8 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not candidates:
         raise ConfigError("the model has no nn.Linear or nn.Conv2d module to quantize")
-    base_w = tensor_config(recipe.weight)
-    base_a = tensor_config(recipe.act)
+    base_w = _tensor_cfg(recipe.weight)
+    base_a = _tensor_cfg(recipe.act)
     skips = list(recipe.skip or [])
     overrides = OmegaConf.to_container(recipe.layers, resolve=True) if isinstance(recipe.layers, DictConfig) else dict(recipe.layers or {})
 

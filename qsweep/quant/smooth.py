@@ -16,6 +16,7 @@ by it before quantizing (one elementwise division, the same in the exported prog
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from qsweep.quant.grid import Grid, fake_quantize, qparams
 from qsweep.quant.modules import QuantLayer
 from qsweep.quant.observers import TokenSample
-from qsweep.quant.plan import LayerPlan, tensor_config
+from qsweep.quant.plan import LayerPlan
 from qsweep.quant.quantizer import quantize_weight
 
 # Floor of max|x_j| and max|W_:j| in the ratio: a dead channel would give 0 or inf.
@@ -106,9 +107,10 @@ def smooth_linears(model: nn.Module, plans: Mapping[str, LayerPlan], recipe: Any
                    given: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, float | str]:
     """Scale the inputs of the planned float Linears of ``model`` (before their weights are quantized).
 
-    Candidates are scored on the recipe's own weight and input grids (``quant.weight`` / ``quant.act``),
-    not on per-layer overrides: the choice then depends only on the float model and the recipe, so a
-    mixed-precision search and a fresh run of the layout it found scale every layer alike.
+    Candidates are scored at the recipe's own bit widths (``quant.weight.bits`` / ``quant.act.bits``),
+    not at per-layer width overrides (a layer's granularity and group size are its own): the choice then
+    depends only on the float model and the recipe, so a mixed-precision search and a fresh run of the
+    layout it found scale every layer alike.
 
     Args:
         model: the float model; its planned ``nn.Linear`` s get ``weight * s`` and a buffer ``input_divisor``.
@@ -129,7 +131,7 @@ def smooth_linears(model: nn.Module, plans: Mapping[str, LayerPlan], recipe: Any
             chosen[name] = "given"
         return chosen
     cfg = recipe.smooth
-    base_weight, base_act = tensor_config(recipe.weight), tensor_config(recipe.act)
+    w_bits, a_bits = recipe.weight.bits, recipe.act.bits
     gen = torch.Generator().manual_seed(0)
     stats = {n: _Inputs(int(cfg.max_tokens), gen) for n in linears}
     handles = [m.register_forward_pre_hook(lambda _m, args, st=stats[n]: st.update(args[0]))
@@ -142,8 +144,10 @@ def smooth_linears(model: nn.Module, plans: Mapping[str, LayerPlan], recipe: Any
     for name, linear in linears.items():
         if stats[name].lo is None:
             continue  # never reached by calibration: leave it alone
-        base = LayerPlan(name, base_weight, base_act if base_act.bits is not None else None)
-        s, alpha = choose_scales(linear, base, stats[name], cfg.alpha, int(cfg.grid))
+        plan = plans[name]
+        at_recipe_widths = LayerPlan(name, plan.weight and replace(plan.weight, bits=w_bits),
+                                     plan.act and (replace(plan.act, bits=a_bits) if a_bits is not None else None))
+        s, alpha = choose_scales(linear, at_recipe_widths, stats[name], cfg.alpha, int(cfg.grid))
         _install(linear, s)
         chosen[name] = alpha
     return chosen
