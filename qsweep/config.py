@@ -93,7 +93,7 @@ class GPTQConfig:
     act_order: bool = True  # round columns in order of decreasing Hessian diagonal
     block_size: int = 128  # columns rounded per lazy batch update
     num_samples: int = 128  # calibration samples the Hessians are collected on
-    sequential: bool = True  # blocks in order, inputs from the already-rounded earlier blocks;
+    sequential: bool = True  # layer by layer in execution order, inputs after the earlier layers are rounded;
     #                          false: every Hessian from one pass of the nearest-rounded model
 
 

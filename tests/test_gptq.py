@@ -222,7 +222,7 @@ def test_replayed_outputs_give_the_codes_of_recomputed_ones(monkeypatch, known_b
 def test_search_caches_hold_gptq_codes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16)).eval()
-    calib = [correlated(128, 64)]  # one batch: the search rounds its narrower widths on the first one
+    calib = [correlated(64, 64), correlated(64, 64, seed=1)]
     recipe = qsweep.config.quant_recipe({"weight": {"bits": 4}, "act": {"bits": 8}, "gptq": GPTQ})
     space = SearchSpace.build(["0", "2"], OmegaConf.merge(OmegaConf.structured(RootConfig).search,
                                                           {"w_bits": [3, 4]}))
