@@ -31,7 +31,7 @@ test-distributed:
 
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py
-	$(BIN)/python experiments/bench/bench_int.py
+	$(BIN)/python experiments/bench/bench_int.py --threads 1
 	$(BIN)/python experiments/bench/bench_search.py
 
 # Quantization quality on real weights and text: all-MiniLM-L6-v2 on Python's bundled language
@@ -42,6 +42,7 @@ bench-real:
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/realweights/bench_real.py --readme experiments/realweights/README.md
 
 ui:
+	@$(BIN)/python -m qsweep.tracking sqlite:///$(CURDIR)/mlflow.db http://$(HOST):$(PORT)
 	$(BIN)/mlflow ui --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:

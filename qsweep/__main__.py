@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from pathlib import Path
 
@@ -36,20 +37,35 @@ def unique_dir(base: str) -> str:
 OmegaConf.register_new_resolver("qsweep.unique_dir", unique_dir, use_cache=True, replace=True)
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    from qsweep.job import Interrupted
+
+    raise Interrupted(signum)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from qsweep.app import run  # heavy imports after Hydra has parsed the command line
+    from qsweep.job import Interrupted  # heavy imports after Hydra has parsed the command line
+    from qsweep.modes import execute
 
+    # `timeout`, schedulers and `kill` send SIGTERM: stop as after Ctrl-C (the run is marked KILLED).
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         # Every job of one multirun nests under one MLflow run named after the sweep directory.
-        run(cfg, hydra_cfg.runtime.output_dir, sweep=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None)
+        execute(cfg, hydra_cfg.runtime.output_dir, sweep=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None)
     except QsweepError as exc:
         print(f"qsweep: error: {exc}", file=sys.stderr)
-        if not multirun:  # in a grid, the failed job is recorded (FAILED in MLflow) and the others go on
+        if not multirun:  # in a grid the others go on; the sweep_outcome callback fails the command at the end
             sys.exit(1)
+    except Interrupted as exc:
+        print(f"qsweep: stopped by {exc}; the run is marked KILLED", file=sys.stderr)
+        sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":
     main()
+    from qsweep import hydra_callbacks
+
+    sys.exit(1 if hydra_callbacks.failed_jobs else 0)

@@ -8,12 +8,16 @@ model or dataset is touched. Errors name the key, the bad value and what is allo
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qsweep import score
 from qsweep.errors import QsweepError
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl", "sigma", "iqr", "auto")
@@ -25,13 +29,14 @@ SCALE_DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_BITS = (2, 8)
 ACT_BITS = (4, 16)
 LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "w_granularity", "group_size")
-SCORES = ("lab4", "relative")
+SCORES = tuple(score.SCORES)
 WEIGHT_SOURCES = ("auto", "random", "pretrained")
 MODEL_SOURCES = ("timm", "hf")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze", "search")
 BACKENDS = ("auto", "fake", "int")
+EXPORT_KERNELS = ("fake", "int")
 ADAROUND_MODES = ("off", "layer", "block")
 LSQ_MODES = ("off", "act", "weight", "both")
 SOFTMAX_QUANTIZERS = ("uniform", "log2")
@@ -108,6 +113,15 @@ class SmoothConfig:
 
 
 @dataclass
+class RotateConfig:
+    """Online Hadamard rotation of quantized Linears' inputs (QuaRot-style), after quant.smooth's scaling."""
+
+    enabled: bool = False
+    block_size: int = 128  # a power of two: Hadamard blocks of this size, or of the largest power of two
+    #                        dividing a layer's in_features if smaller
+
+
+@dataclass
 class QuantConfig:
     name: str = "w4a8"
     weight: TensorQuantConfig = field(
@@ -122,6 +136,7 @@ class QuantConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     vit: ViTQuantConfig = field(default_factory=ViTQuantConfig)
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    rotate: RotateConfig = field(default_factory=RotateConfig)
     intops: str = "off"  # off | ivit: integer-only Softmax, GELU and LayerNorm (I-ViT)
     residual_bits: Optional[int] = 16  # intops=ivit: bit width of the residual stream; null: float
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
@@ -161,7 +176,7 @@ class LSQConfig:
 class SearchConfig:
     """Optuna mixed-precision search (``mode=search``)."""
 
-    study_name: Optional[str] = None  # null: the experiment name
+    study_name: Optional[str] = None  # null: the run's `name`
     storage: Optional[str] = None  # null: sqlite:///<project>/optuna.db | journal:PATH | postgresql://...
     n_trials: int = 40  # finished trials the study should hold, over all workers
     timeout_s: Optional[float] = None  # this worker stops starting trials after this many seconds
@@ -183,7 +198,8 @@ class SearchConfig:
     top_k: int = 3  # best layouts re-evaluated on the whole test set at the end
     heartbeat_s: int = 10  # RDB / journal storage: a trial silent for 2x this is failed and retried
     retries: int = 2  # times a trial whose worker died is retried
-    best_dir: Optional[str] = None  # where the best layout's experiment YAML goes; null: conf/experiment/best/
+    best_dir: Optional[str] = None  # config dir for the best layout (experiment/best/<study>_best.yaml, run with
+    #                                 --config-dir); null: <run folder>/conf. Never the installed package
 
 
 @dataclass
@@ -235,11 +251,14 @@ class ExportConfig:
     filename: str = "quantized.pt2"
     pte: bool = False  # also write an ExecuTorch .pte (optional extra: pip install -e '.[executorch]')
     pte_max_batch: int = 16  # ExecuTorch plans memory ahead: the largest batch the .pte accepts
+    # int: the artifact runs torch._int_mm like eval.backend=int (same size, ~3x faster on CPU);
+    # fake: dequantize + float ops, portable to any backend (the .pte is always this form)
+    kernels: str = "int"
 
 
 @dataclass
 class EvalConfig:
-    # auto: int when nothing is exported, else fake (bit-identical to the artifact the run checks)
+    # auto: export.kernels when exporting (the artifact's own computation, checked), else int
     backend: str = "auto"  # | fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
 
 
@@ -266,7 +285,7 @@ class RootConfig:
     lsq: LSQConfig = field(default_factory=LSQConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     mode: str = "run"  # run: quantize, evaluate, export, score, record | analyze: plots + sensitivity | search
-    experiment: str = "default"
+    name: str = "default"  # the run's name: MLflow tag `experiment`, output folder; `name=...` on the command line
     seed: int = 0
     device: str = "cpu"
     cache_dir: Optional[str] = None  # None: $QSWEEP_CACHE or ~/.cache/qsweep
@@ -355,6 +374,14 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     _in_range("quant.smooth.max_tokens", q.smooth.max_tokens, 1, 10**7, "must be >= 1")
     _bits("quant.residual_bits", q.residual_bits, (8, 32), allow_float=True)
     validate_gptq(q.gptq)
+    validate_rotate(q.rotate)
+
+
+def validate_rotate(r: RotateConfig | DictConfig) -> None:
+    allowed = [2**i for i in range(1, 16)]
+    if r.block_size not in allowed:
+        raise ConfigError(f"quant.rotate.block_size={r.block_size!r} is not allowed; use a power of two in "
+                          f"[2, {allowed[-1]}] (Hadamard blocks), e.g. 64 or 128")
 
 
 def validate_gptq(g: GPTQConfig | DictConfig) -> None:
@@ -506,6 +533,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("mode", out.mode, MODES)
     _choice("eval.backend", out.eval.backend, BACKENDS)
     validate_export_filename(out.export.filename)
+    _choice("export.kernels", out.export.kernels, EXPORT_KERNELS)
+    if out.export.enabled and out.eval.backend not in ("auto", out.export.kernels):
+        # The reported accuracy must be the artifact's own computation (checked after export).
+        raise ConfigError(f"eval.backend={out.eval.backend!r} with export.kernels={out.export.kernels!r}: the "
+                          "artifact would not compute what is evaluated; set eval.backend=auto (or "
+                          f"{out.export.kernels!r}), or export.kernels={out.eval.backend!r}")
     validate_adaround(out.adaround)
     validate_lsq(out.lsq)
     validate_search(out.search)
@@ -519,3 +552,28 @@ def validate(cfg: DictConfig) -> DictConfig:
     if out.data.max_eval_images is not None:
         _in_range("data.max_eval_images", out.data.max_eval_images, 1, 10**9, "must be >= 1")
     return out
+
+
+SCHEMA = "qsweep_schema"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def shipped_recipe(name: str) -> DictConfig:
+    """``conf/quant/<name>.yaml`` as Hydra composes it (its defaults list included), for ``qsweep.quantize``."""
+    options = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
+    if name not in options:
+        raise ConfigError(f"quant={name!r} is not allowed; choose one of {options}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"quant={name}"]).quant
+
+
+def register_schema() -> None:
+    """Make the dataclasses Hydra's schema (``conf/config.yaml`` lists it first in its defaults).
+
+    Every default lives in the dataclasses above; a ``conf/`` option file states only what differs,
+    and composing an unknown key or a wrongly typed value fails.
+    """
+    ConfigStore.instance().store(name=SCHEMA, node=RootConfig)
+
+
+register_schema()

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from qsweep.models.cache import atomic_write
+from qsweep.files import atomic_write
 
 
 @dataclass
@@ -44,12 +44,18 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's class and every state-dict tensor: same weights, same fingerprint."""
-    digest = hashlib.sha1(type(model).__qualname__.encode())
+    """A hash of the model's class and every state-dict tensor (name, dtype, shape, bytes): same weights, same hash."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
     for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many rows of ``logits`` rank their label first."""
+    return int((logits.argmax(dim=-1) == labels.to(logits.device)).sum())
 
 
 def _read_cached(path: Path) -> EvalResult | None:

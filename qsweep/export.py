@@ -22,7 +22,9 @@ from torch.export import Dim
 from torch.export.pt2_archive import constants as pt2
 
 from qsweep.errors import QsweepError
-from qsweep.quant.calibrate import quant_layers
+from qsweep.files import OutputError, atomic_write, ensure_space
+from qsweep.quant.modules import quant_layers
+from qsweep.quant.intexport import int_artifact_layers
 from qsweep.quant.packed import PackedWeight
 
 
@@ -34,12 +36,24 @@ class WeightInfo(NamedTuple):
     device: torch.device
 
 
-def artifact_form(qmodel: nn.Module) -> nn.Module:
+KERNELS = ("fake", "int")
+
+
+def artifact_form(qmodel: nn.Module, kernels: str = "fake") -> nn.Module:
     """A copy of ``qmodel`` whose quantized weights live in packed integer buffers.
+
+    ``kernels="fake"``: every layer dequantizes its weight and runs the float op (portable: any
+    backend ``torch.export`` targets). ``"int"``: the layers the integer backend runs compute
+    with ``torch._int_mm`` exactly as :func:`~qsweep.quant.intkernel.to_int_backend` does
+    (:mod:`qsweep.quant.intexport`), the others (its fallbacks) as with ``"fake"``.
 
     Every tensor the forward reads is a persistent parameter or buffer, so the grader's size
     (``torch.save(state_dict)``) counts all of it: nothing hides as an exported constant.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r}; choose one of {list(KERNELS)}")
+    if kernels == "int":
+        qmodel, _ = int_artifact_layers(qmodel)
     model = copy.deepcopy(qmodel).cpu().eval()
     for layer in quant_layers(model).values():
         weight = layer.weight
@@ -54,21 +68,26 @@ def artifact_form(qmodel: nn.Module) -> nn.Module:
     return model
 
 
-def export_artifact(qmodel: nn.Module, example: torch.Tensor, max_batch: int | None = None) -> torch.export.ExportedProgram:
+def export_artifact(qmodel: nn.Module, example: torch.Tensor, max_batch: int | None = None,
+                    kernels: str = "fake") -> torch.export.ExportedProgram:
     """The artifact form traced by ``torch.export``, dynamic in the batch dimension (up to ``max_batch``)."""
-    model = artifact_form(qmodel)
+    model = artifact_form(qmodel, kernels)
     # Two examples: a batch of 1 would let export specialize the batch dimension to a constant.
     example = example[:1].cpu().expand(2, *example.shape[1:]).contiguous()
     with torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
 
 
-def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic."""
+def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path, kernels: str = "fake") -> Path:
+    """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic.
+
+    The disk must hold the weights' size first (a full disk would fail deep in torch's writer);
+    the file appears under ``path`` only once complete.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(export_artifact(qmodel, example), str(path))
-    return path
+    ensure_space(path, artifact_size_mb(qmodel, kernels))
+    program = export_artifact(qmodel, example, kernels=kernels)
+    return atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
 
 
 def export_pte(qmodel: nn.Module, example: torch.Tensor, path: str | Path, max_batch: int = 16) -> Path:
@@ -83,8 +102,8 @@ def export_pte(qmodel: nn.Module, example: torch.Tensor, path: str | Path, max_b
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = to_edge_transform_and_lower(export_artifact(qmodel, example, max_batch)).to_executorch()
-    path.write_bytes(program.buffer)
-    return path
+    ensure_space(path, len(program.buffer) / 2**20)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(program.buffer))
 
 
 def load_program(path: str | Path, trust: bool = False) -> nn.Module:
@@ -105,11 +124,14 @@ def state_dict_size_mb(module: nn.Module | dict) -> float:
     try:
         torch.save(module.state_dict() if isinstance(module, nn.Module) else module, tmp)
         return os.path.getsize(tmp) / 1e6
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces as a C++ stream error
+        raise OutputError(f"cannot measure the artifact's size: writing {tmp} failed ({exc}); free space in "
+                          f"{tempfile.gettempdir()} or point TMPDIR elsewhere") from None
     finally:
         os.unlink(tmp)
 
 
-def artifact_size_mb(qmodel: nn.Module) -> float:
+def artifact_size_mb(qmodel: nn.Module, kernels: str = "fake") -> float:
     """The size the grader would measure on ``qmodel``'s exported program, without exporting it.
 
     The tensors are the artifact form's. ``torch.save`` also pickles one metadata entry per
@@ -117,7 +139,7 @@ def artifact_size_mb(qmodel: nn.Module) -> float:
     that own tensors, so the same entries are kept here: equal to the exported size within a
     few bytes (tested), at a fraction of an export's cost.
     """
-    state = artifact_form(qmodel).state_dict()
+    state = artifact_form(qmodel, kernels).state_dict()
     owners = {""} | {name.rsplit(".", i)[0] for name in state for i in range(1, name.count(".") + 1)}
     state._metadata = type(state._metadata)((k, v) for k, v in state._metadata.items() if k in owners)
     return state_dict_size_mb(state)

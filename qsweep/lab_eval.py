@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from qsweep.data.cifar100 import LAB_IMAGE_SIZE, LAB_PER_CLASS, cifar100_test_set
 from qsweep.errors import QsweepError
+from qsweep.evaluate import top1_correct
 from qsweep.export import UntrustedArtifactError, load_program, state_dict_size_mb
+from qsweep.report import format_table
 from qsweep.score import lab4
 
 
@@ -68,6 +70,18 @@ def _logits(out) -> torch.Tensor:
     return out
 
 
+def _forward(model: nn.Module, x: torch.Tensor, first: bool):
+    """The artifact on ``x``; on the first image, an input it was not exported for is an :class:`ArtifactError`."""
+    if not first:
+        return model(x)
+    try:
+        return model(x)
+    except (AssertionError, RuntimeError, ValueError) as exc:  # export's input guards raise these
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"the artifact does not accept the data's input of shape {tuple(x.shape)} ({reason}); "
+                            "was it exported at another image size? (--image-size)") from None
+
+
 def _int_arg(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise QsweepError(f"{name}={value!r} is not allowed; must be an integer >= {minimum}")
@@ -99,15 +113,14 @@ def lab_eval(path: str | Path, data_root: str | Path, per_class: int = LAB_PER_C
     start = time.perf_counter()
     with torch.no_grad():
         for x, y in tqdm(loader, desc="lab eval", total=len(dataset), disable=not progress, leave=False):
-            pred = _logits(model(x)).argmax(dim=1)
-            correct += int((pred == y).sum())
+            correct += top1_correct(_logits(_forward(model, x, images == 0)), y)
             images += int(y.numel())
     seconds = time.perf_counter() - start
     acc = 100.0 * correct / max(images, 1)
     return {"size_mb": size_mb, "acc": acc, "seconds": seconds, "images": images, "score": lab4(size_mb, acc)}
 
 
-def format_table(result: dict, artifact: str | Path | None = None) -> str:
+def result_table(result: dict, artifact: str | Path | None = None) -> str:
     rows = []
     if artifact is not None:
         rows.append(("artifact", str(artifact)))
@@ -118,8 +131,7 @@ def format_table(result: dict, artifact: str | Path | None = None) -> str:
         ("execution time", f"{result['seconds']:.2f} s"),
         ("lab score", f"{result['score']:g}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return format_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"artifact": str(args.artifact), **result}))
     else:
-        print(format_table(result, args.artifact))
+        print(result_table(result, args.artifact))
     return 0
 
 

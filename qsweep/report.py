@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 
 from torch import nn
 
-from qsweep.quant.calibrate import quant_layers
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.plan import QUANTIZABLE
 
 FLOAT_BITS = 32
@@ -44,14 +42,6 @@ def average_weight_bits(rows: list[dict]) -> float:
     """Parameter-weighted mean weight width over all Linear/Conv2d layers (float counts as 32)."""
     total = sum(r["params"] for r in rows)
     return sum(r["w_bits"] * r["params"] for r in rows) / total if total else float("nan")
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

@@ -28,8 +28,13 @@ def relative(size_mb: float, acc: float, fp_size_mb: float, fp_acc: float,
     return lab4(size_mb * ref_size_mb / fp_size_mb, acc * ref_acc / fp_acc)
 
 
+SCORES = {
+    "lab4": lambda size_mb, acc, fp_size_mb, fp_acc, ref_size_mb, ref_acc: lab4(size_mb, acc),
+    "relative": relative,
+}
+
+
 def compute_score(name: str, size_mb: float, acc: float, fp_size_mb: float, fp_acc: float,
                   ref_size_mb: float, ref_acc: float) -> float:
-    if name == "lab4":
-        return lab4(size_mb, acc)
-    return relative(size_mb, acc, fp_size_mb, fp_acc, ref_size_mb, ref_acc)
+    """The score ``name`` (``score.name``: a key of :data:`SCORES`)."""
+    return SCORES[name](size_mb, acc, fp_size_mb, fp_acc, ref_size_mb, ref_acc)

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from qsweep.errors import QsweepError
+from qsweep.locks import file_lock
 
 # MLflow's batch endpoint takes at most 100 params per call.
 _PARAM_CHUNK = 100
 _PARAM_VALUE_MAX = 6000
+PROBE_TIMEOUT_S = 5.0
+HOST = socket.gethostname()
+# MLflow 3 opens an experiment on its GenAI overview unless told it holds model-development runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+class TrackingError(QsweepError):
+    """The MLflow tracking store cannot be used."""
 
 
 def resolve_uri(uri: str | None, project_dir: Path) -> str:
@@ -51,19 +67,69 @@ def git_commit(project_dir: Path) -> str:
         return "unknown"
 
 
+def process_token(pid: int) -> str | None:
+    """``pid`` plus its start time (Linux), so a reused pid is not mistaken for the process; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return str(pid)
+
+
+def probe(uri: str) -> None:
+    """Fail fast, naming ``tracking.uri``, if an HTTP tracking server does not answer within seconds."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered: a server that has no /health route is still a server
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"tracking.uri={uri!r} cannot be reached ({reason}; waited {PROBE_TIMEOUT_S:g} s); "
+                            f"start the server, fix the URI, or run without it: tracking.enabled=false") from None
+
+
 class Recorder:
     """An MLflow run driven through ``MlflowClient`` (no global active-run state)."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        probe(uri)
+        sqlite = uri.startswith("sqlite:///")
+        # The first use of a new SQLite store creates and migrates its schema: two processes doing it
+        # at once leave it half-migrated for good, so the first use is serialized.
+        with file_lock(Path(uri[len("sqlite:///"):] + ".lock")) if sqlite else nullcontext():
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
         self.run_id: str | None = None
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+            except MlflowException:  # created meanwhile by another process on a shared server
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.tags.get("mlflow.experimentKind") is None:
+            self.client.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return found.experiment_id
+
+    def runs_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The experiment's runs table in the MLflow UI (``make ui``)."""
+        base = self.uri if self.uri.startswith(("http://", "https://")) else ui
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
 
     @classmethod
     def for_project(cls, uri: str | None, experiment: str, project_dir: Path) -> "Recorder":
@@ -74,12 +140,33 @@ class Recorder:
         return cls(resolved, experiment, root)
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
-        all_tags = dict(tags)
+        """Start a run tagged with this host and process, after closing the runs of dead ones."""
+        self.reap_dead_runs()
+        all_tags = {**tags, **self.owner_tags()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         return self.run_id
+
+    @staticmethod
+    def owner_tags() -> dict[str, str]:
+        """This host and process: the reaper's test of whether a RUNNING run's process still lives."""
+        return {"qsweep.host": HOST, "qsweep.process": process_token(os.getpid()) or str(os.getpid())}
+
+    def reap_dead_runs(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose process on this host is gone (SIGKILL, power loss)."""
+        found = self.client.search_runs([self.experiment_id], max_results=1000,
+                                        filter_string=f"attributes.status = 'RUNNING' and tags.`qsweep.host` = '{HOST}'")
+        reaped = []
+        for run in found:
+            token = run.data.tags.get("qsweep.process", "")
+            pid = token.split(":")[0]
+            if pid.isdigit() and process_token(int(pid)) != token:
+                self.client.set_tag(run.info.run_id, "error", f"its process ({HOST}:{pid}) is gone: it was killed")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                reaped.append(run.info.run_id)
+        return reaped
 
     def fork(self) -> "Recorder":
         """A recorder for another run in the same store and experiment (e.g. a study's trial)."""
@@ -92,16 +179,24 @@ class Recorder:
         self.run_id = run_id
 
     def sweep_parent(self, sweep: str, experiment: str) -> str:
-        """The run that holds a Hydra multirun's jobs, found by its sweep directory or created."""
+        """The run that holds a Hydra multirun's jobs, found by its sweep directory or created (RUNNING)."""
         found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`qsweep.sweep` = '{sweep}'",
                                         max_results=1)
         if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
+            return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep:{experiment}:{Path(sweep).name}",
-                                     tags={"qsweep.sweep": sweep, "qsweep.kind": "sweep", "experiment": experiment})
+                                     tags={"qsweep.sweep": sweep, "qsweep.kind": "sweep", "experiment": experiment,
+                                           **self.owner_tags()})
         return run.info.run_id
+
+    def close_sweep(self, sweep_run_id: str) -> None:
+        """End a multirun's parent: FAILED, with the count, if any of its jobs failed or was killed."""
+        jobs = self.client.search_runs([self.experiment_id], max_results=10000,
+                                       filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
+        bad = [r for r in jobs if r.info.status in ("FAILED", "KILLED")]
+        if bad:
+            self.client.set_tag(sweep_run_id, "error", f"{len(bad)} of {len(jobs)} jobs failed")
+        self.client.set_terminated(sweep_run_id, status="FAILED" if bad else "FINISHED")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:_PARAM_VALUE_MAX]) for k, v in params.items()]
@@ -119,14 +214,57 @@ class Recorder:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, error: str | None = None) -> None:
-        """End the run; a failed run keeps its reason as the ``error`` tag."""
+    def finish(self, error: str | None = None, killed: bool = False) -> None:
+        """End the run: FINISHED, FAILED with its reason as the ``error`` tag, or KILLED (interrupted)."""
         if self.run_id is None:
             return
         if error is not None:
             self.set_tags({"error": error[:5000]})
-        self.client.set_terminated(self.run_id, status="FAILED" if error is not None else "FINISHED")
+        status = "KILLED" if killed else "FAILED" if error is not None else "FINISHED"
+        self.client.set_terminated(self.run_id, status=status)
 
     def close_parent(self, parent_run_id: str) -> None:
-        """Mark a parent (sweep or study) run finished; a later job or worker may reopen it."""
+        """Mark a study's run finished; a later worker may reopen it."""
         self.client.set_terminated(parent_run_id, status="FINISHED")
+
+
+
+class NullRecorder:
+    """Stands in for a :class:`Recorder` when tracking is off: records nothing, so callers need no checks."""
+
+    uri = run_id = None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, error: str | None = None, killed: bool = False) -> None:
+        pass
+
+    def runs_url(self, ui: str = "") -> None:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qsweep.tracking STORE UI [EXPERIMENT]``: print the UI's link to the experiment's runs table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qsweep.tracking", description=main.__doc__)
+    parser.add_argument("store", help="tracking URI, e.g. sqlite:///mlflow.db")
+    parser.add_argument("ui", help="the UI's address, e.g. http://127.0.0.1:5000")
+    parser.add_argument("experiment", nargs="?", default="qsweep")
+    args = parser.parse_args(argv)
+    print(f"runs of experiment {args.experiment!r}: {Recorder(args.store, args.experiment).runs_url(args.ui)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

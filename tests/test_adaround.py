@@ -12,7 +12,8 @@ from qsweep.config import CalibConfig, ConfigError, DataConfig
 from qsweep.data import calibration_batches, eval_loader
 from qsweep.evaluate import evaluate, model_fingerprint
 from qsweep.quant.adaround import apply_adaround
-from qsweep.quant.calibrate import QuantizeTimings, prepare, quant_layers
+from qsweep.quant.calibrate import QuantizeTimings, prepare
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.grid import quantize
 from qsweep.quant.reconstruct import ReconstructionError, find_blocks
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 import qsweep
-from qsweep import app
+from qsweep import app, job
 from qsweep.config import ConfigError
 from qsweep.data import calibration_batches, eval_loader
 from qsweep.evaluate import evaluate
@@ -78,11 +78,11 @@ def test_accuracy_is_monotone_in_bits(digits_bundle, digits_vit):
 
 def test_experiment_overlay(tmp_path):
     cfg = compose_cfg(tmp_path, "+experiment=digits_w8a8")
-    assert cfg.experiment == "digits_w8a8" and cfg.quant.weight.bits == 8 and cfg.quant.act.bits == 8
+    assert cfg.name == "digits_w8a8" and cfg.quant.weight.bits == 8 and cfg.quant.act.bits == 8
 
 
 def test_bad_config_fails_before_model_is_built(tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "build_model", lambda *a, **k: pytest.fail("model built before validation"))
+    monkeypatch.setattr(job, "build_model", lambda *a, **k: pytest.fail("model built before validation"))
     with pytest.raises(ConfigError, match=r"quant.weight.bits=9"):
         app.run(compose_cfg(tmp_path, "quant.weight.bits=9"), tmp_path / "out")
     with pytest.raises(ConfigError, match=r"quant.act.bits=2"):

@@ -11,7 +11,8 @@ import qsweep
 from qsweep.config import ConfigError, RootConfig
 from qsweep.export import export_program, load_program
 from qsweep.quant import gptq
-from qsweep.quant.calibrate import QuantizeTimings, quant_layers
+from qsweep.quant.calibrate import QuantizeTimings
+from qsweep.quant.modules import quant_layers
 from qsweep.search.space import SearchSpace
 from qsweep.search.trials import LayoutModels
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import qsweep
 from qsweep.config import ConfigError
-from qsweep.quant.calibrate import quant_layers
+from qsweep.quant.modules import quant_layers
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 RECIPE = ["quant.weight.granularity=per_group", "quant.weight.group_size=32", "quant.act.bits=null"]

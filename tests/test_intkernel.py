@@ -22,7 +22,7 @@ from torch import nn
 import qsweep
 from qsweep.config import DataConfig, QuantConfig, TensorQuantConfig
 from qsweep.data import calibration_batches, eval_loader
-from qsweep.quant.calibrate import quant_layers
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.grid import qparams
 from qsweep.quant.intkernel import (
     IntConv2d,
@@ -148,7 +148,9 @@ def test_linear_schemes_exact(w_symmetric, granularity, act):
         assert int_layer.groups == (4 if granularity == "per_group" else 1)
         if act == "symmetric":
             assert int_layer.col_corr is None  # zero point 0: no activation correction at all
-        assert (int_layer.w_offset is not None) == (not w_symmetric)
+        # Weight codes are centred (symmetric: as they are): a zero-point term only where zp is off-centre.
+        off_centre = layer.qweight.zero_point - layer.qweight.grid.qmin - 2 ** (bits - 1)
+        assert (int_layer.w_offset is not None) == bool((off_centre != 0).any())
         check_layer(layer, int_layer, realistic_input((2, 37, 256), 100 + bits))
 
 

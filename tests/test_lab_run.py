@@ -22,7 +22,7 @@ def compose_cfg(*overrides):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name):
     cfg = validate(compose_cfg(f"+experiment={name}"))
-    assert cfg.experiment == name
+    assert cfg.name == name
 
 
 def test_deit_experiments_are_the_lab_setup():

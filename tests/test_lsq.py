@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import qsweep
 from qsweep.export import export_artifact
-from qsweep.quant.calibrate import QuantizeTimings, quant_layers
+from qsweep.quant.calibrate import QuantizeTimings
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.lsq import apply_lsq
 from qsweep.quant.quantizer import ActQuantizer
 from qsweep.quant.reconstruct import ReconstructionError

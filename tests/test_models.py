@@ -16,7 +16,7 @@ from qsweep.config import ConfigError, DataConfig, ModelConfig
 from qsweep.data import build_data
 from qsweep.data.bundle import DataBundle
 from qsweep.models import CheckpointError, build_model, cache_dir, load_checkpoint, load_digits_vit
-from qsweep.models.cache import atomic_write
+from qsweep.files import atomic_write
 from qsweep.models.checkpoint import classifier_name, num_classes_of
 from qsweep.models.digits_vit import cache_path, cached_metadata, train_digits_vit
 
@@ -54,7 +54,7 @@ def test_digits_vit_widths_fit_group_sizes(digits_vit):
 
 def test_digits_vit_second_load_hits_cache(digits_bundle, digits_vit, qsweep_cache):
     path = cache_path(digits_bundle, qsweep_cache)
-    assert path.is_file() and not [p for p in qsweep_cache.iterdir() if p.name.endswith(".tmp")]
+    assert path.is_file() and not [p for p in qsweep_cache.iterdir() if ".tmp" in p.name]
     meta = cached_metadata(digits_bundle, qsweep_cache)
     assert float(meta["test_acc"]) >= 0.95 and meta["data"] == digits_bundle.fingerprint
     start = time.perf_counter()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qsweep
-from qsweep.quant.calibrate import quant_layers
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.fold import fold_batchnorm
 from qsweep.quant.grid import Grid, fake_quantize, qparams
 from qsweep.quant.quantizer import CalibrationError

@@ -17,6 +17,7 @@ from qsweep import app
 from qsweep.config import ConfigError, QuantConfig, RootConfig, quant_recipe
 from qsweep.data import calibration_batches
 from qsweep.export import export_artifact, state_dict_size_mb
+from qsweep.modes import execute
 from qsweep.quant.smooth import input_divisors
 from qsweep.search.greedy import greedy_layout, layer_noise
 from qsweep.search.plots import pareto_front
@@ -37,7 +38,7 @@ def compose_search(tmp_path, *overrides, study="s"):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=[
             "+experiment=digits_mixed_search", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false",
-            f"search.storage=sqlite:///{tmp_path}/optuna.db", f"search.best_dir={tmp_path}/experiment/best",
+            f"search.storage=sqlite:///{tmp_path}/optuna.db", f"search.best_dir={tmp_path}",
             f"search.study_name={study}", "export.enabled=false", *overrides])
 
 
@@ -147,7 +148,7 @@ def study_of(tmp_path, name="s"):
 
 
 def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits_vit):
-    result = app.run(compose_search(tmp_path, "search.n_trials=5", "search.top_k=2", "search.w_bits=[2,4,8]"),
+    result = execute(compose_search(tmp_path, "search.n_trials=5", "search.top_k=2", "search.w_bits=[2,4,8]"),
                      tmp_path / "out")
     study = study_of(tmp_path)
     states = [t.state for t in study.trials]
@@ -173,7 +174,7 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
         a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # the same study name resumes: 2 more trials, under the same parent run
-    result = app.run(compose_search(tmp_path, "search.n_trials=7", "search.top_k=0", "search.w_bits=[2,4,8]"),
+    result = execute(compose_search(tmp_path, "search.n_trials=7", "search.top_k=0", "search.w_bits=[2,4,8]"),
                      tmp_path / "out2")
     study = study_of(tmp_path)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 7
@@ -191,9 +192,9 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
 
 
 def test_a_study_of_the_same_name_with_another_space_is_refused(tmp_path, digits_vit):
-    app.run(compose_search(tmp_path, "search.n_trials=1", "search.warm_start=[8]", "search.top_k=0"), tmp_path / "a")
+    execute(compose_search(tmp_path, "search.n_trials=1", "search.warm_start=[8]", "search.top_k=0"), tmp_path / "a")
     with pytest.raises(StorageError, match="different search space"):
-        app.run(compose_search(tmp_path, "search.n_trials=2", "search.w_bits=[4,8]", "search.warm_start=[8]"),
+        execute(compose_search(tmp_path, "search.n_trials=2", "search.w_bits=[4,8]", "search.warm_start=[8]"),
                 tmp_path / "b")
 
 
@@ -208,7 +209,7 @@ def test_a_crashed_trial_is_recorded_and_the_study_goes_on(tmp_path, digits_vit,
         return real(self)
 
     monkeypatch.setattr(LayoutModels, "size_mb", flaky)
-    app.run(compose_search(tmp_path, "search.n_trials=3", "search.top_k=0"), tmp_path / "out")
+    execute(compose_search(tmp_path, "search.n_trials=3", "search.top_k=0"), tmp_path / "out")
     study = study_of(tmp_path)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "disk full" in failed[0].user_attrs["error"]
@@ -226,18 +227,18 @@ def test_a_crashed_trial_is_recorded_and_the_study_goes_on(tmp_path, digits_vit,
 ])
 def test_bad_search_config_is_refused_before_work(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
-        app.run(compose_search(tmp_path, override, "search.w_bits=[2,4,8]" if "w_bits" not in override else
+        execute(compose_search(tmp_path, override, "search.w_bits=[2,4,8]" if "w_bits" not in override else
                                "search.n_trials=1"), tmp_path / "out")
 
 
 def test_an_unreachable_storage_is_refused_before_work(tmp_path):
     with pytest.raises(StorageError, match="cannot be reached") as err:
-        app.run(compose_search(tmp_path, "search.storage=postgresql://qsweep:secret@127.0.0.1:9/none"), tmp_path / "o")
+        execute(compose_search(tmp_path, "search.storage=postgresql://qsweep:secret@127.0.0.1:9/none"), tmp_path / "o")
     assert "secret" not in str(err.value)
 
 
 def test_pareto_objective_reports_the_front(tmp_path, digits_vit):
-    result = app.run(compose_search(tmp_path, "search.objective=pareto", "search.sampler=nsga2", "search.n_trials=4",
+    result = execute(compose_search(tmp_path, "search.objective=pareto", "search.sampler=nsga2", "search.n_trials=4",
                                     "search.w_bits=[2,8]", "search.greedy=false", "search.top_k=1"), tmp_path / "o")
     study = study_of(tmp_path)
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
@@ -246,7 +247,7 @@ def test_pareto_objective_reports_the_front(tmp_path, digits_vit):
 
 
 def test_a_search_composes_with_adaround_lsq_and_vit_options(tmp_path, digits_vit):
-    result = app.run(compose_search(tmp_path, "search.n_trials=3", "search.w_bits=[2,8]", "search.greedy=false",
+    result = execute(compose_search(tmp_path, "search.n_trials=3", "search.w_bits=[2,8]", "search.greedy=false",
                                     "search.top_k=1", "adaround=layer", "adaround.iters=20",
                                     "adaround.num_samples=32", "lsq=act", "lsq.iters=5", "lsq.num_samples=32",
                                     "quant.vit.post_ln=reparam", "quant.intops=ivit",

@@ -10,42 +10,17 @@ from torch import nn
 
 import qsweep
 from qsweep.config import ConfigError, quant_recipe
-from qsweep.export import export_program, load_program
-from qsweep.quant.calibrate import QuantizeTimings, quant_layers
-from qsweep.quant.intkernel import to_int_backend
+from qsweep.quant.calibrate import QuantizeTimings
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.plan import resolve_plan
 from qsweep.quant.smooth import input_divisors, smooth_linears
-
-
-class OutlierMLP(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear, with a few huge input channels (a transformer's outliers)."""
-
-    def __init__(self, width=32, hidden=64):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-        with torch.no_grad():
-            self.norm.weight[:3] = torch.tensor([30.0, -25.0, 20.0])
-
-    def forward(self, x):
-        return self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
-
-
-def make_batches(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, 16, 32, generator=g) for _ in range(n)]
+from outlier_mlp import OutlierMLP, assert_exported_and_int_match, make_batches, output_error
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
     return OutlierMLP().eval()
-
-
-def output_error(q, fp, batches):
-    with torch.no_grad():
-        return sum(float((q(x) - fp(x)).square().sum()) for x in batches)
 
 
 W8A8 = {"weight": {"bits": 8}, "act": {"bits": 8}}
@@ -92,20 +67,7 @@ def test_off_is_a_candidate_so_a_layer_never_scores_worse_on_its_tokens():
 def test_export_and_int_kernels_reproduce_the_fake_quant_model(model, tmp_path):
     batches = make_batches()
     q = qsweep.quantize(model, {**W8A8, "smooth": {"enabled": True}}, batches)
-    x = batches[1]
-    with torch.no_grad():
-        expected = q(x)
-        loaded = load_program(export_program(q, x, tmp_path / "m.pt2"))
-        assert torch.equal(loaded(x), expected)
-        int_model, fallbacks = to_int_backend(q)
-        assert not fallbacks
-        # The int path sees the same scaled input codes; only the float epilogue rounds differently.
-        h = q.norm(x)
-        fake_codes = torch.round(q.fc1.act(q.fc1.scale_input(h)) / q.fc1.act.scale).reshape(-1, 32)
-        int_fc1 = int_model.fc1
-        codes = int_fc1.quantize_input((h / int_fc1.input_divisor).reshape(-1, 32))[0].double() - int_fc1.a_c
-        assert torch.equal(codes + int(q.fc1.act.zero_point), fake_codes + int(q.fc1.act.zero_point))
-        torch.testing.assert_close(int_model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert_exported_and_int_match(q, batches[1], tmp_path / "m.pt2")
 
 
 def test_given_scales_are_reused_instead_of_searched(model):

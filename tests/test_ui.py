@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qsweep import app
+from qsweep.modes import execute
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -40,7 +40,7 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, digits_vit):
             "+experiment=digits_mixed_search", f"tracking.uri={store}", "progress=false", "export.enabled=false",
             f"search.storage=sqlite:///{tmp_path}/optuna.db", f"search.best_dir={tmp_path}/best",
             "search.n_trials=3", "search.warm_start=[8]", "search.top_k=0", "search.study_name=ui"])
-    app.run(cfg, tmp_path / "out")
+    execute(cfg, tmp_path / "out")
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
@@ -72,3 +72,13 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, digits_vit):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_runs_table_link_names_the_experiment(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run([sys.executable, "-m", "qsweep.tracking", store, "http://127.0.0.1:5000"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(store).get_experiment_by_name("qsweep")
+    assert out.strip() == f"runs of experiment 'qsweep': http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"

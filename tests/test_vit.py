@@ -12,7 +12,8 @@ import qsweep
 from qsweep.config import ConfigError, QuantConfig, TensorQuantConfig, quant_recipe
 from qsweep.data import calibration_batches, eval_loader
 from qsweep.evaluate import evaluate
-from qsweep.quant.calibrate import calibrate, quant_layers
+from qsweep.quant.calibrate import calibrate
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.modules import QuantLinear
 from qsweep.quant.quantizer import ActQuantizer
 from qsweep.quant.vit import Log2Quantizer, QuantAttention, apply_vit, channel_ranges, pre_norm_pairs, wrap_attention

@@ -1,16 +1,21 @@
 """Integer execution path vs fake-quant vs FP32 on DeiT-S (random weights), measured in one process.
 
     .venv/bin/python experiments/bench/bench_int.py [--batches N] [--repeats R] [--no-rss]
+    .venv/bin/python experiments/bench/bench_int.py --threads 1 --profile-only   # the profile table alone, ~2 min
 
 Prints:
 
 1. eval time per pass at batch 16 (``--batches`` batches) and batch 1 (``--singles`` images) for
    FP32 eager, fake-quant W8A8 / W4A8 and the integer path W8A8 / W4A8 (per-channel symmetric
-   weights, per-tensor affine min-max activations), best of ``--repeats``; the models are timed
-   round-robin inside each repeat, so a load spike from other processes hits all of them alike,
-   and ratios are to FP32 from the same repeat set;
+   weights, per-tensor affine min-max activations), the same with ``quant.vit.attn_matmul``
+   ("+attn": q, k, v and softmax quantized; the int path runs both attention matmuls on int8),
+   the ``export.kernels=int`` artifacts of the "+attn" models loaded as the grader does
+   (``torch.export.load(p).module()``), and torchao's pt2e W8A8 reference / inductor-lowered
+   model (``--no-peers`` skips them); best of ``--repeats``; the models are timed round-robin
+   inside each repeat, so a load spike from other processes hits all of them alike, and ratios
+   are to FP32 from the same repeat; the 1-minute load average is printed with each table;
 2. a ``torch.profiler`` breakdown (self CPU time by category) of one batch-16 forward of the
-   integer W8A8 model, next to FP32's;
+   integer W8A8 models, next to FP32's (``--profile-only``: this table alone, to measure one change);
 3. peak RSS while evaluating, each in a fresh subprocess that holds only the model evaluated
    (the int model is converted, then the float and fake-quant models are freed and
    ``malloc_trim`` returns their pages), plus the bytes of parameters and buffers per model.
@@ -22,6 +27,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,14 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import peak_rss, rss_mb
 
 import qsweep
+from qsweep.export import export_program, load_program
 from qsweep.quant.intkernel import to_int_backend
 
 MODEL = "deit3_small_patch16_224"
 
 
-def recipe(w_bits: int) -> dict:
+def recipe(w_bits: int, attn: bool = False) -> dict:
     return {"weight": {"bits": w_bits, "symmetric": True, "granularity": "per_channel"},
-            "act": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}}
+            "act": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"},
+            "vit": {"attn_matmul": attn}}
 
 
 def deit() -> torch.nn.Module:
@@ -82,17 +90,20 @@ def round_robin(models: dict[str, torch.nn.Module], batches: list[torch.Tensor],
 
 
 OTHER = "other (views, Python, dispatch)"
+ATTN_INT_MM = "int8 attention GEMM (QK^T, PV)"
 CATEGORIES = [
     ("int8 GEMM (_int_mm)", ("aten::_int_mm",)),
+    (ATTN_INT_MM, ()),  # the _int_mm calls with an out= tensor: IntAttention's per-head matmuls
     ("float GEMM (addmm/mm/conv)", ("aten::addmm", "aten::mm", "aten::mkldnn_convolution", "aten::linear")),
     ("activation quantization", ("aten::quantize_per_tensor", "aten::quantize_per_channel", "aten::set_",
                                  "aten::round_", "aten::clamp_", "aten::clamp", "aten::_to_copy")),
-    ("zp correction + dequant epilogue", ("aten::sub", "aten::addcmul", "aten::addr_", "aten::sum")),
-    ("attention (SDPA)", ("aten::_scaled_dot_product_flash_attention_for_cpu",)),
+    ("zp correction + dequant epilogue", ("aten::sub", "aten::sub_", "aten::addcmul", "aten::addr_", "aten::sum")),
+    ("attention (SDPA / softmax / bmm)", ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax",
+                                          "aten::bmm")),
     ("LayerNorm", ("aten::native_layer_norm",)),
     ("GELU", ("aten::gelu",)),
-    ("add / mul (residual, layer scale)", ("aten::add", "aten::mul", "aten::mul_")),
-    ("copy_ (int32->fp32 cast, patches, bias)", ("aten::copy_", "aten::cat", "aten::clone")),
+    ("add / mul (residual, layer scale)", ("aten::add", "aten::add_", "aten::mul", "aten::mul_")),
+    ("copy_ (int32->fp32 cast, patches, bias)", ("aten::copy_", "aten::cat", "aten::clone", "aten::stack")),
 ]
 
 
@@ -105,11 +116,13 @@ def breakdown(model: torch.nn.Module, x: torch.Tensor, passes: int) -> dict[str,
     model(x)
     best: dict[str, float] = {}
     for _ in range(passes):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             model(x)
         out: dict[str, float] = defaultdict(float)
-        for ev in prof.key_averages():
+        for ev in prof.key_averages(group_by_input_shape=True):
             cat = next((c for c, names in CATEGORIES if ev.key in names), OTHER)
+            if ev.key == "aten::_int_mm" and len(ev.input_shapes) == 3:
+                cat = ATTN_INT_MM
             out[cat] += ev.self_cpu_time_total / 1e6
         for cat, t in out.items():
             best[cat] = min(best.get(cat, float("inf")), t)
@@ -175,6 +188,9 @@ def main() -> None:
     parser.add_argument("--profile-passes", type=int, default=5, help="profiled forwards per model")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
+    parser.add_argument("--no-peers", action="store_true", help="skip torchao's pt2e models (slow to compile)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the profile table (FP32, int W8A8, int W8A8+attn): quick per-step measurements")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -186,33 +202,46 @@ def main() -> None:
     fp = deit()
     calib = images(args.batches, 16)
     models = {"FP32 eager": fp}
-    fallbacks = {}
-    for w_bits in (8, 4):
-        tag = f"W{w_bits}A8"
-        qmodel = qsweep.quantize(fp, recipe(w_bits), calib)
-        models[f"fake-quant {tag}"] = qmodel
-        models[f"int {tag}"], fallbacks[tag] = to_int_backend(qmodel)
-    models.update(pt2e_peers(fp, calib))
+    fallbacks, convert_s = {}, {}
+    artifacts = Path(os.environ.get("TMPDIR", "/tmp")) / "qsweep_bench_int"
+    for attn in (False, True):
+        for w_bits in (8,) if args.profile_only else (8, 4):
+            tag = f"W{w_bits}A8" + ("+attn" if attn else "")
+            qmodel = qsweep.quantize(fp, recipe(w_bits, attn), calib)
+            models[f"fake-quant {tag}"] = qmodel
+            start = time.perf_counter()
+            models[f"int {tag}"], fallbacks[tag] = to_int_backend(qmodel)
+            convert_s[tag] = round(time.perf_counter() - start, 2)
+            if attn and not args.profile_only:
+                path = export_program(qmodel, calib[0], artifacts / f"{tag}.pt2", kernels="int")
+                models[f"artifact {tag}"] = load_program(path)  # as the grader loads it
+    if not (args.no_peers or args.profile_only):
+        models.update(pt2e_peers(fp, calib))
     int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fallbacks {fallbacks}; "
-          f"activation kernel: {int_layer.act_kernel}")
+          f"activation kernel: {int_layer.act_kernel}; to_int_backend seconds {convert_s}")
 
-    for label, batches in ((16, images(args.batches, 16, seed=100)), (1, images(args.singles, 1, seed=200))):
+    timed = [] if args.profile_only else [(16, images(args.batches, 16, seed=100)),
+                                          (1, images(args.singles, 1, seed=200))]
+    for label, batches in timed:
+        load_before = os.getloadavg()[0]
         times = round_robin(models, batches, args.repeats)
         n_img = len(batches) * label
         fp_times = times["FP32 eager"]
-        print(f"\nbatch {label}: {len(batches)} x {label} images per pass, {args.repeats} repeats")
-        print(f"{'model':<18} {'best ms/img':>11} {'best x FP32':>11} {'speedup':>8} {'median paired speedup':>22}")
+        print(f"\nbatch {label}: {len(batches)} x {label} images per pass, {args.repeats} repeats; "
+              f"load average before / after {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+        print(f"{'model':<24} {'best ms/img':>11} {'best x FP32':>11} {'speedup':>8} {'median paired speedup':>22}")
         for name, ts in times.items():
             best_ratio = min(ts) / min(fp_times)
             paired = statistics.median(f / t for f, t in zip(fp_times, ts))
-            print(f"{name:<18} {min(ts) / n_img * 1e3:>11.2f} {best_ratio:>11.3f} {1 / best_ratio:>8.2f} "
+            print(f"{name:<24} {min(ts) / n_img * 1e3:>11.2f} {best_ratio:>11.3f} {1 / best_ratio:>8.2f} "
                   f"{paired:>22.2f}")
 
     x = images(1, 16, seed=300)[0]
     print(f"\nprofile of one batch-16 forward: self CPU ms per category, least of {args.profile_passes} profiled "
-          "passes (profiler overhead included)")
-    names = ("FP32 eager", "fake-quant W8A8", "int W8A8")
+          f"passes (profiler overhead included); load average before {os.getloadavg()[0]:.2f}")
+    names = ("FP32 eager", "int W8A8", "int W8A8+attn") if args.profile_only else (
+        "FP32 eager", "fake-quant W8A8", "int W8A8", "int W8A8+attn")
     prof = {name: breakdown(models[name], x, args.profile_passes) for name in names}
     totals = {n: sum(prof[n].values()) for n in names}
     print(f"{'category':<36}" + "".join(f"{n:>18}" for n in names))
@@ -222,8 +251,9 @@ def main() -> None:
             cells = (f"{v * 1e3:>12.1f} {100 * v / totals[n]:>4.0f}%" for v, n in zip(row, names))
             print(f"{c:<36}" + "".join(cells))
     print(f"{'total':<36}" + "".join(f"{totals[n] * 1e3:>12.1f}      " for n in names))
+    print(f"load average after {os.getloadavg()[0]:.2f}")
 
-    if not args.no_rss:
+    if not (args.no_rss or args.profile_only):
         del models, fp, qmodel
         print("\npeak RSS while evaluating batch 16, fresh process per model (MB)")
         print(f"{'model':<20} {'RSS before':>11} {'peak RSS':>10} {'params+buffers MB':>18}")

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -40,7 +39,7 @@ import naive  # noqa: E402
 import peers  # noqa: E402
 
 import qsweep  # noqa: E402
-from qsweep.config import OBSERVERS, ConfigError, QuantConfig, quant_recipe  # noqa: E402
+from qsweep.config import OBSERVERS, ConfigError, QuantConfig, quant_recipe, shipped_recipe  # noqa: E402
 
 CALIB_SENTENCES = 128
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -82,6 +81,7 @@ SHIPPED = ["w8a8", "w4a8", "w4a4", "w3a8", "w2a8"]
 # AdaRound per layer cut to about 2 minutes on 2 cores: the conf/adaround/layer.yaml defaults (1000
 # iterations on 256 whole samples) take far longer on this model; 200 iterations on 64 took 13 min.
 ADAROUND = {"mode": "layer", "iters": 50, "num_samples": 32, "rows_per_iter": 256}
+ROTATE = {"enabled": True, "block_size": 128}
 
 
 def weight_observers() -> list[str]:
@@ -113,6 +113,10 @@ def rows() -> list[Row]:
     out += [Row(f"smooth+gptq {width_label(w, 8, g)}", recipe(w, 8, g, smooth={"enabled": True},
                                                                gptq={"enabled": True}))
             for w, g in ((4, 64), (3, 64))]
+    out += [Row(f"rotate {width_label(w, a)}", recipe(w, a, rotate=ROTATE)) for w, a in ((8, 8), (4, 8), (4, 4))]
+    out += [Row(f"rotate+mse+gptq {width_label(w, a, g)}", recipe(w, a, g, w_obs="mse", rotate=ROTATE,
+                                                                  gptq={"enabled": True}))
+            for w, a, g in ((4, 8, None), (4, 8, 64), (3, 8, 64), (4, 4, None))]
     out += [Row(f"post_ln={mode} {width_label(w, a)}", recipe(w, a, vit={"post_ln": mode}))
             for mode in ("smooth", "reparam") for w, a in ((8, 8), (4, 4))]
     out += [Row(f"torchao pt2e {width_label(w, 8)}", kind="pt2e", w_bits=w, a_bits=8) for w in (8, 4)]
@@ -132,7 +136,7 @@ def unavailable(row: Row) -> str | None:
 
 def load_recipe(row: Row):
     if isinstance(row.recipe, str):
-        return OmegaConf.load(ROOT / "conf" / "quant" / f"{row.recipe}.yaml")
+        return shipped_recipe(row.recipe)
     return row.recipe
 
 

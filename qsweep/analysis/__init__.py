@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from qsweep.analysis import plots, sensitivity, stats, tables
@@ -35,7 +34,7 @@ from qsweep.analysis.stats import (
 )
 from qsweep.analysis.threads import torch_threads
 from qsweep.config import quant_recipe
-from qsweep.quant.calibrate import call_model, to_device
+from qsweep.quant.batches import call_model, device_of, to_device
 from qsweep.quant.fold import fold_batchnorm
 
 
@@ -73,7 +72,7 @@ def _analyze(model, calib_batches, loader, num_classes, out_dir, cfg, cache_dir,
     work = copy.deepcopy(model).eval()
     folded_bn: list[str] = []
     if cfg.fold_bn:
-        device = next((p.device for p in work.parameters()), torch.device("cpu"))
+        device = device_of(work)
         folded_bn = fold_batchnorm(work, lambda: call_model(work, to_device(batches[0], device)))
     layer_stats = collect_stats(work, batches, max_samples=max_samples, seed=int(cfg.calib.seed), progress=progress)
     work = None  # free the copy before sensitivity makes its own

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from qsweep.analysis.stats import KINDS, LayerStats, TensorStats
+from qsweep.files import atomic_write
 
 DPI = 130
 MAX_FLIERS = 1500  # points drawn per box (the exact min and max are always among them)
@@ -26,7 +27,7 @@ def _width(n: int) -> float:
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"))
     plt.close(fig)
     return path
 

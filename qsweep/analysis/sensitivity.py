@@ -54,8 +54,9 @@ from tqdm.auto import tqdm
 
 from qsweep.analysis.threads import torch_threads
 from qsweep.config import quant_recipe
-from qsweep.models.cache import atomic_write
-from qsweep.quant.calibrate import call_model, to_device
+from qsweep.evaluate import model_fingerprint, top1_correct
+from qsweep.files import atomic_write
+from qsweep.quant.batches import call_model, device_of, to_device
 from qsweep.quant.fold import fold_batchnorm
 from qsweep.quant.modules import QuantLayer, quant_module_for
 from qsweep.quant.plan import resolve_plan
@@ -99,21 +100,10 @@ def sensitivity_key(model: nn.Module, data_fingerprint: str, recipe_dict: Any, w
     eval subset); ``extra`` holds anything else that changes the result (e.g. ``sqnr_images``).
     """
     recipe = OmegaConf.to_container(quant_recipe(recipe_dict), resolve=True)
-    blob = json.dumps({"schema": SCHEMA, "model": weights_fingerprint(model), "data": data_fingerprint,
+    blob = json.dumps({"schema": SCHEMA, "model": model_fingerprint(model), "data": data_fingerprint,
                        "recipe": recipe, "w_bits": w_bits, "a_bits": a_bits, "extra": extra or {}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """Hash of the model's class and state dict (like ``qsweep.evaluate.model_fingerprint``,
-    which cannot hash 0-dim integer buffers such as BatchNorm's ``num_batches_tracked``)."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 class LayerSwapper:
@@ -130,7 +120,7 @@ class LayerSwapper:
         if not batches:
             raise CalibrationError("calibration got no batches: give at least one calibration batch")
         self.base = copy.deepcopy(model).eval()
-        self.device = next((p.device for p in self.base.parameters()), torch.device("cpu"))
+        self.device = device_of(self.base)
         if self.recipe.fold_bn:
             fold_batchnorm(self.base, lambda: call_model(self.base, to_device(batches[0], self.device)))
         self.qlayers: dict[str, QuantLayer] = {
@@ -185,7 +175,7 @@ def _eval_pass(model: nn.Module, loader: Iterable, device: torch.device, keep_im
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        correct += int((logits.argmax(dim=-1) == y).sum())
+        correct += top1_correct(logits, y)
         images += len(y)
         if kept < keep_images:
             logits_kept.append(logits.detach().float().cpu())

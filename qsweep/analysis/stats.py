@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qsweep.quant.calibrate import call_model, to_device
+from qsweep.quant.batches import call_model, device_of, to_device
 from qsweep.quant.plan import QUANTIZABLE
 
 PERCENTILES = (0.01, 1.0, 25.0, 50.0, 75.0, 99.0, 99.99)
@@ -235,7 +235,7 @@ def collect_stats(model: nn.Module, batches: Iterable[Any], max_samples: int = D
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError("the model has no nn.Linear or nn.Conv2d module")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     streams: dict[str, tuple[StreamSampler, StreamSampler]] = {}
     handles = []
     for i, (name, module) in enumerate(layers.items()):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qsweep.models.cache import atomic_write
+from qsweep.files import atomic_write
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

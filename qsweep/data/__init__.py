@@ -32,11 +32,11 @@ def build_data(cfg) -> DataBundle:
 
 def eval_loader(bundle: DataBundle, cfg) -> DataLoader:
     """Unshuffled loader over ``bundle.test`` (first ``cfg.max_eval_images`` only, if set)."""
-    batch_size = getattr(cfg, "eval_batch_size", 256)
+    batch_size = cfg.eval_batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"data.eval_batch_size={batch_size!r} is not allowed; must be >= 1")
     dataset = bundle.test
-    limit = getattr(cfg, "max_eval_images", None)
+    limit = cfg.max_eval_images
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"data.max_eval_images={limit!r} is not allowed; must be >= 1")

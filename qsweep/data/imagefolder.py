@@ -136,6 +136,24 @@ def _dataset(split_dir: Path, transform, loader):
         raise ConfigError(f"data.root: {split_dir} is not a usable split ({exc}); {_layout(split_dir.parent)}") from None
 
 
+def _check_headers(ds, convert_rgb: bool) -> None:
+    """Read the header of the first few files of each class: a bad file fails now, not mid-evaluation."""
+    seen: dict[int, int] = {}
+    for path, label in ds.samples:
+        if seen.get(label, 0) < CHECK_PER_CLASS:
+            seen[label] = seen.get(label, 0) + 1
+            _check_header(path, convert_rgb)
+
+
+def _files_hash(base: Path, *datasets) -> str:
+    """Every file's path, label and size: adding, moving or replacing an image changes it."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        for path, label in ds.samples:
+            h.update(f"{os.path.relpath(path, base)}\0{label}\0{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def build_imagefolder(cfg) -> DataBundle:
     """The image-folder bundle for ``cfg`` (a DataConfig: root, image_size, convert_rgb)."""
     root = _get(cfg, "root", None)
@@ -162,21 +180,12 @@ def build_imagefolder(cfg) -> DataBundle:
     train = _dataset(train_dir, transform, loader)
     test = _dataset(eval_dir, transform, loader)
     for ds in (train, test):
-        seen: dict[int, int] = {}
-        for path, label in ds.samples:
-            if seen.get(label, 0) < CHECK_PER_CLASS:
-                seen[label] = seen.get(label, 0) + 1
-                _check_header(path, convert_rgb)
-
+        _check_headers(ds, convert_rgb)
     base = Path(str(root)).expanduser().resolve()
-    h = hashlib.sha256()
-    for ds in (train, test):
-        for path, label in ds.samples:
-            h.update(f"{os.path.relpath(path, base)}\0{label}\0{os.path.getsize(path)}\n".encode())
     fingerprint = (
         f"imagefolder-v{PREPROCESS_VERSION}:root={base}:eval={eval_dir.name}:classes={len(train_classes)}"
         f":size={image_size}:resize={math.floor(image_size / CROP_PCT)}:bilinear:norm=imagenet"
-        f":rgb={'convert' if convert_rgb else 'strict'}:files={h.hexdigest()[:16]}"
+        f":rgb={'convert' if convert_rgb else 'strict'}:files={_files_hash(base, train, test)}"
     )
     return DataBundle(
         name="imagefolder",

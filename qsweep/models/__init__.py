@@ -27,7 +27,7 @@ RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained")
 
 
 def _kwargs(cfg) -> dict:
-    raw = getattr(cfg, "kwargs", None) or {}
+    raw = cfg.kwargs or {}
     if isinstance(raw, DictConfig):
         raw = OmegaConf.to_container(raw, resolve=True)
     raw = dict(raw)
@@ -91,14 +91,12 @@ def _create(cfg, bundle, pretrained: bool) -> nn.Module:
 def build_model(cfg, bundle, cache_dir: Path, progress: bool = True) -> tuple[nn.Module, str]:
     """The eval-mode model for ``cfg`` on ``bundle`` and its weights tag (see module docstring)."""
     name = cfg.name
-    weights = getattr(cfg, "weights", "auto") or "auto"
-    checkpoint = getattr(cfg, "checkpoint", None)
-    trust = bool(getattr(cfg, "trust_checkpoint", False))
+    weights, checkpoint, trust = cfg.weights, cfg.checkpoint, cfg.trust_checkpoint
     if weights not in WEIGHT_SOURCES:
         raise ConfigError(f"model.weights={weights!r} is not allowed; choose one of {list(WEIGHT_SOURCES)}")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"model.name={name!r} is not allowed; give 'digits_vit' or a timm model name")
-    if getattr(cfg, "source", "timm") == "hf":
+    if cfg.source == "hf":
         from qsweep.models.hf import build_hf_model  # transformers is an optional extra
 
         return build_hf_model(cfg, bundle)

@@ -165,6 +165,34 @@ def _check_classes(path: Path, found: int | None, expected: int | None) -> None:
         )
 
 
+def _check_keys_and_shapes(path: Path, model: nn.Module, state: dict) -> None:
+    """The state dict names exactly the model's tensors, each with the model's shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model architecture ({type(model).__name__}): "
+            f"{'; '.join(parts)}. Check model.name / model.kwargs match the model the checkpoint was saved from"
+        )
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has tensors of the wrong shape for the model: {'; '.join(mismatched[:5])}"
+            f"{f' ... ({len(mismatched)} in all)' if len(mismatched) > 5 else ''}. "
+            f"Check model.name / model.kwargs (e.g. img_size, patch_size) match the checkpoint"
+        )
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module | None, trust: bool, num_classes: int | None = None
 ) -> nn.Module:
@@ -191,29 +219,6 @@ def load_checkpoint(
         expected = num_classes if num_classes is not None else num_classes_of(model)
         _check_classes(path, int(state[f"{head}.weight"].shape[0]), expected)
 
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_list(unexpected)}")
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model architecture ({type(model).__name__}): "
-            f"{'; '.join(parts)}. Check model.name / model.kwargs match the model the checkpoint was saved from"
-        )
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has tensors of the wrong shape for the model: {'; '.join(mismatched[:5])}"
-            f"{f' ... ({len(mismatched)} in all)' if len(mismatched) > 5 else ''}. "
-            f"Check model.name / model.kwargs (e.g. img_size, patch_size) match the checkpoint"
-        )
+    _check_keys_and_shapes(path, model, state)
     model.load_state_dict(state, strict=False)
     return model.eval()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from qsweep.models.cache import atomic_write
+from qsweep.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from qsweep.config import GPTQConfig, validate_gptq
-from qsweep.quant.calibrate import call_model, to_device
+from qsweep.quant.batches import call_model, to_device
 from qsweep.quant.grid import Grid, dequantize, quantize
 from qsweep.quant.modules import QuantConv2d, QuantLayer
 from qsweep.quant.reconstruct import (
@@ -266,18 +266,11 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
                progress: bool = False) -> dict[str, Any]:
     """Re-round every integer weight of a calibrated ``model`` with GPTQ; in place.
 
-    Args:
-        model: a calibrated model from :func:`qsweep.quantize` (activation quantizers frozen).
-        batches: calibration batches; the first ``cfg.num_samples`` samples are used.
-        cfg: :class:`qsweep.config.GPTQConfig`, dict or DictConfig.
-        float_weights: every quantized layer's float weight by name (after BN folding and
-            ``quant.vit.post_ln``; what :func:`qsweep.quantize` keeps).
-        progress: a progress bar over the passes.
-
-    Returns:
-        ``layers`` (per layer: output error on the calibration inputs before / after, ``kept``
-        "gptq" or "nearest", input rows, seconds), ``skipped`` (layer: reason), ``error_reduction``
-        (mean over layers of ``1 - after / before``) and seconds in all, collecting Hessians and rounding.
+    ``batches``: the first ``cfg.num_samples`` samples are used. ``float_weights``: every quantized
+    layer's float weight by name (after BN folding and ``quant.vit.post_ln``; what :func:`qsweep.quantize`
+    keeps). Returns ``layers`` (per layer: output error on the calibration inputs before / after, ``kept``
+    "gptq" or "nearest", input rows, seconds), ``skipped`` (layer: reason), ``error_reduction`` (mean of
+    ``1 - after / before``) and the seconds spent in all, collecting Hessians and rounding.
     """
     start = time.perf_counter()
     cfg = merge_config(GPTQConfig, cfg, "quant.gptq", validate_gptq)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qsweep.config import LSQConfig, validate_lsq
-from qsweep.quant.calibrate import call_model, to_device
+from qsweep.quant.batches import call_model, to_device
 from qsweep.quant.grid import EPS, Grid, quantize
 from qsweep.quant.modules import QuantLayer
 from qsweep.quant.quantizer import SCALE_DTYPES, ActQuantizer, QuantizedWeight
@@ -159,26 +159,82 @@ def _learnables(qmodel: nn.Module, ref: nn.Module, mode: str, float_weights: Map
     return acts, weights
 
 
+@torch.no_grad()
+def _mean_loss(qmodel: nn.Module, samples: list, targets: list[torch.Tensor]) -> float:
+    """Output MSE of ``qmodel`` over every calibration sample, weighted by rows."""
+    losses = [F.mse_loss(_output(call_model(qmodel, s)), t).item() * t.shape[0] for s, t in zip(samples, targets)]
+    return sum(losses) / sum(t.shape[0] for t in targets)
+
+
+def _optimizer(acts: list, weights: list, lr: float) -> torch.optim.Optimizer:
+    groups = [{"params": [p.log_scale for p in acts + weights], "lr": lr}]
+    # Zero points move in codes: the same relative step as the log-scales, over the grid's span.
+    groups += [{"params": [p.zp], "lr": lr * (p.layer.qweight.grid.qmax - p.layer.qweight.grid.qmin)}
+               for p in weights if p.zp is not None]
+    groups += [{"params": [p.zp], "lr": lr * (p.act.grid.qmax - p.act.grid.qmin)} for p in acts if p.zp is not None]
+    return torch.optim.Adam(groups)
+
+
+def _step(qmodel: nn.Module, acts: list, weights: list, opt: torch.optim.Optimizer, sample: Any,
+          target: torch.Tensor) -> None:
+    """One Adam step on the output MSE of ``sample``, through the quantizers' straight-through gradients."""
+    handles = [p.act.register_forward_hook(p.hook) for p in acts]
+    try:
+        with torch.enable_grad():
+            for p in weights:
+                p.layer.weight = p.fake_weight()  # the buffer, for this forward only
+            loss = F.mse_loss(_output(call_model(qmodel, sample)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fit(qmodel: nn.Module, acts: list, weights: list, samples: list, targets: list, cfg: Any,
+         progress: bool) -> tuple[float, float, int]:
+    """Adam over the samples in seeded random order; keeps the best state seen at each evaluation.
+
+    Returns the loss before, the best loss and the iteration it was reached at (0: the initial state).
+    """
+    opt = _optimizer(acts, weights, cfg.lr)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    every = max(1, cfg.iters // EVALS)
+    best, best_loss, best_iter = _State(acts, weights), _mean_loss(qmodel, samples, targets), 0
+    before = best_loss
+    order: list[int] = []
+    try:
+        with frozen(qmodel), tqdm(total=cfg.iters, desc="lsq", disable=not progress, leave=False) as bar:
+            for it in range(1, cfg.iters + 1):
+                if not order:
+                    order = torch.randperm(len(samples), generator=gen).tolist()
+                i = order.pop()
+                _step(qmodel, acts, weights, opt, samples[i], targets[i])
+                bar.update()
+                if it % every == 0 or it == cfg.iters:
+                    for p in acts + weights:
+                        p.commit()
+                    current = _mean_loss(qmodel, samples, targets)
+                    bar.set_postfix(loss=f"{current:.4g}", best=f"{min(current, best_loss):.4g}")
+                    if current < best_loss:
+                        best, best_loss, best_iter = _State(acts, weights), current, it
+    finally:
+        best.restore()
+    return before, best_loss, best_iter
+
+
 def apply_lsq(qmodel: nn.Module, fp_model: nn.Module, batches: list[Any], cfg: Any, progress: bool = False,
               float_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Learn step sizes (and affine zero points) of ``qmodel``'s quantizers against ``fp_model``; in place.
 
-    Args:
-        qmodel: a calibrated model from :func:`qsweep.quantize`.
-        fp_model: the float model it was quantized from (not modified).
-        batches: calibration batches; the first ``cfg.num_samples`` samples, in pieces of
-            ``cfg.batch_size``, are both the training data and the fixed set the loss is measured on.
-        cfg: :class:`qsweep.config.LSQConfig`, dict or DictConfig. ``act``: static per-tensor
-            activation quantizers (per-token ones have no qparams); ``weight``: per-row / group
-            weight scales, codes re-quantized by nearest rounding of the float weight (so learned
-            AdaRound codes are replaced); ``both``.
-        progress: a progress bar showing the loss.
-        float_weights: the float weights the quantized layers were made from, by layer name, when
-            they differ from ``fp_model``'s (``quant.vit.post_ln`` rewrites them; quantize() passes them).
-
-    Returns:
-        ``loss_before`` / ``loss_after`` (output MSE on the calibration samples; after <= before),
-        ``best_iter`` (0: the initial state was kept), ``acts`` / ``weights`` learned, ``iters``, ``seconds``.
+    ``batches``: the first ``cfg.num_samples`` samples, in pieces of ``cfg.batch_size``, are both the
+    training data and the fixed set the loss is measured on. ``cfg`` (:class:`qsweep.config.LSQConfig`):
+    ``act`` learns static per-tensor activation quantizers, ``weight`` per-row / group weight scales (codes
+    re-rounded to nearest from the float weight, so learned AdaRound codes are replaced), ``both``.
+    ``float_weights``: the float weights the layers were made from, when they differ from ``fp_model``'s
+    (``quant.vit.post_ln`` rewrites them). Returns ``loss_before`` / ``loss_after`` (output MSE on the
+    calibration samples; after <= before), ``best_iter`` (0: the initial state was kept), counts and seconds.
     """
     cfg = merge_config(LSQConfig, cfg, "lsq", validate_lsq)
     if cfg.mode == "off":
@@ -192,53 +248,12 @@ def apply_lsq(qmodel: nn.Module, fp_model: nn.Module, batches: list[Any], cfg: A
     samples = [to_device(s, device) for s in samples]
     with torch.no_grad():
         targets = [_output(call_model(ref, s)) for s in samples]
-    sizes = [t.shape[0] for t in targets]
-
-    @torch.no_grad()
-    def calib_loss() -> float:
-        losses = [F.mse_loss(_output(call_model(qmodel, s)), t).item() * n for s, t, n in zip(samples, targets, sizes)]
-        return sum(losses) / sum(sizes)
 
     acts, weights = _learnables(qmodel, ref, cfg.mode, float_weights)
-    groups = [{"params": [p.log_scale for p in acts + weights], "lr": cfg.lr}]
-    # Zero points move in codes: the same relative step as the log-scales, over the grid's span.
-    groups += [{"params": [p.zp], "lr": cfg.lr * (p.layer.qweight.grid.qmax - p.layer.qweight.grid.qmin)}
-               for p in weights if p.zp is not None]
-    groups += [{"params": [p.zp], "lr": cfg.lr * (p.act.grid.qmax - p.act.grid.qmin)} for p in acts if p.zp is not None]
-    opt = torch.optim.Adam(groups)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    every = max(1, cfg.iters // EVALS)
-    best, best_loss, best_iter = _State(acts, weights), calib_loss(), 0
-    before = best_loss
-    order: list[int] = []
     try:
-        with frozen(qmodel), tqdm(total=cfg.iters, desc="lsq", disable=not progress, leave=False) as bar:
-            for it in range(1, cfg.iters + 1):
-                if not order:
-                    order = torch.randperm(len(samples), generator=gen).tolist()
-                i = order.pop()
-                handles = [p.act.register_forward_hook(p.hook) for p in acts]
-                try:
-                    with torch.enable_grad():
-                        for p in weights:
-                            p.layer.weight = p.fake_weight()  # the buffer, for this forward only
-                        loss = F.mse_loss(_output(call_model(qmodel, samples[i])), targets[i])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                finally:
-                    for h in handles:
-                        h.remove()
-                bar.update()
-                if it % every == 0 or it == cfg.iters:
-                    for p in acts + weights:
-                        p.commit()
-                    current = calib_loss()
-                    bar.set_postfix(loss=f"{current:.4g}", best=f"{min(current, best_loss):.4g}")
-                    if current < best_loss:
-                        best, best_loss, best_iter = _State(acts, weights), current, it
+        before, best_loss, best_iter = _fit(qmodel, acts, weights, samples, targets, cfg, progress)
     finally:
-        best.restore()
         qmodel.train(training)
     return {"loss_before": before, "loss_after": best_loss, "best_iter": best_iter, "acts": len(acts),
-            "weights": len(weights), "iters": cfg.iters, "samples": sum(sizes), "seconds": time.perf_counter() - start}
+            "weights": len(weights), "iters": cfg.iters, "samples": sum(t.shape[0] for t in targets),
+            "seconds": time.perf_counter() - start}

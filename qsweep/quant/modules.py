@@ -14,6 +14,7 @@ from torch import nn
 
 from qsweep.quant.plan import LayerPlan
 from qsweep.quant.quantizer import ActQuantizer, QuantizedWeight, quantize_weight, sqnr_db
+from qsweep.quant.rotate import hadamard
 
 
 class QuantLayer(nn.Module):
@@ -40,6 +41,8 @@ class QuantLayer(nn.Module):
         # quant.smooth: the weight above was multiplied by s per input channel; inputs are divided by it.
         divisor = getattr(layer, "input_divisor", None)
         self.register_buffer("input_divisor", None if divisor is None else divisor.detach().clone())
+        # quant.rotate: the weight above is W R; inputs are rotated by R (a block size: R is rebuilt, not stored).
+        self.input_rotation: int | None = getattr(layer, "input_rotation", None)
         self.act = ActQuantizer(plan.act, self.feature_dim, plan.name) if plan.act is not None else None
 
     @property
@@ -56,8 +59,11 @@ class QuantLayer(nn.Module):
         self.weight = qweight.dequantize().to(self.weight.device)
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` divided per channel by ``quant.smooth``'s ``s`` (unchanged without smoothing)."""
-        return x if self.input_divisor is None else x / self.input_divisor
+        """``x`` divided per channel by ``quant.smooth``'s ``s``, then rotated by ``quant.rotate``'s
+        Hadamard blocks (each step skipped when off): what the input quantizer and the weight see."""
+        if self.input_divisor is not None:
+            x = x / self.input_divisor
+        return x if self.input_rotation is None else hadamard(x, self.input_rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
@@ -97,3 +103,8 @@ def quant_module_for(layer: nn.Module, plan: LayerPlan) -> QuantLayer:
     if isinstance(layer, nn.Linear):
         return QuantLinear(layer, plan)
     raise TypeError(f"{plan.name}: cannot quantize {type(layer).__name__}")
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """The quantized Linear / Conv2d layers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}

@@ -16,7 +16,8 @@ from torch import nn
 
 from qsweep.config import _structured
 from qsweep.errors import QsweepError
-from qsweep.quant.calibrate import call_model, quant_layers, to_device
+from qsweep.quant.batches import call_model, to_device
+from qsweep.quant.modules import quant_layers
 from qsweep.quant.fold import fold_batchnorm
 from qsweep.quant.grid import quantize
 from qsweep.quant.modules import QuantLayer

@@ -27,6 +27,7 @@ from qsweep.quant.modules import QuantLayer
 from qsweep.quant.observers import TokenSample
 from qsweep.quant.plan import LayerPlan
 from qsweep.quant.quantizer import quantize_weight
+from qsweep.quant.rotate import hadamard, rotation_block
 
 # Floor of max|x_j| and max|W_:j| in the ratio: a dead channel would give 0 or inf.
 _FLOOR = 1e-5
@@ -73,10 +74,13 @@ def _quantized_input(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, plan: 
 
 @torch.no_grad()
 def _output_error(linear: nn.Linear, plan: LayerPlan, stats: _Inputs, s: torch.Tensor | None,
-                  target: torch.Tensor) -> float:
+                  target: torch.Tensor, block: int | None) -> float:
     x, weight, lo, hi = stats.rows, linear.weight.detach().float().cpu(), stats.lo.cpu(), stats.hi.cpu()
     if s is not None:
         x, weight, lo, hi = x / s, weight * s, lo / s, hi / s
+    if block is not None:  # quant.rotate follows: per-channel ranges do not rotate, the sample's do
+        x, weight = hadamard(x, block), hadamard(weight, block)
+        lo, hi = x.amin(0), x.amax(0)
     if plan.weight is not None:
         weight = quantize_weight(weight, plan.weight, plan.name).dequantize()
     x_hat = _quantized_input(x, lo.min(), hi.max(), plan)
@@ -84,19 +88,20 @@ def _output_error(linear: nn.Linear, plan: LayerPlan, stats: _Inputs, s: torch.T
 
 
 def choose_scales(linear: nn.Linear, plan: LayerPlan, stats: _Inputs, alpha: float | None,
-                  grid: int) -> tuple[torch.Tensor | None, float | str]:
-    """The ``s`` (or None) and ``alpha`` (or ``"off"``) with the lowest output error on the sampled tokens."""
+                  grid: int, block: int | None = None) -> tuple[torch.Tensor | None, float | str]:
+    """The ``s`` (or None) and ``alpha`` (or ``"off"``) with the lowest output error on the sampled tokens,
+    the input rotated by ``block``-sized Hadamard blocks after scaling (``quant.rotate``) if given."""
     absmax = torch.maximum(-stats.lo, stats.hi).cpu()
     weight = linear.weight.detach().float().cpu()
     if alpha is not None:
         return _scales(absmax, weight, alpha), alpha
     target = stats.rows @ weight.t()
-    best: tuple[float, torch.Tensor | None, float | str] = (_output_error(linear, plan, stats, None, target),
+    best: tuple[float, torch.Tensor | None, float | str] = (_output_error(linear, plan, stats, None, target, block),
                                                            None, NO_SCALING)
     for i in range(grid + 1):
         a = i / grid
         s = _scales(absmax, weight, a)
-        err = _output_error(linear, plan, stats, s, target)
+        err = _output_error(linear, plan, stats, s, target, block)
         if err < best[0]:
             best = (err, s, a)
     return best[1], best[2]
@@ -147,7 +152,8 @@ def smooth_linears(model: nn.Module, plans: Mapping[str, LayerPlan], recipe: Any
         plan = plans[name]
         at_recipe_widths = LayerPlan(name, plan.weight and replace(plan.weight, bits=w_bits),
                                      plan.act and (replace(plan.act, bits=a_bits) if a_bits is not None else None))
-        s, alpha = choose_scales(linear, at_recipe_widths, stats[name], cfg.alpha, int(cfg.grid))
+        block = rotation_block(linear.in_features, int(recipe.rotate.block_size)) if recipe.rotate.enabled else None
+        s, alpha = choose_scales(linear, at_recipe_widths, stats[name], cfg.alpha, int(cfg.grid), block)
         _install(linear, s)
         chosen[name] = alpha
     return chosen

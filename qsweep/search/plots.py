@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 
+from qsweep.files import atomic_write  # noqa: E402
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (top-1, size) no other point beats on both (higher top-1, smaller size)."""
@@ -40,8 +42,12 @@ def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path
 def _save(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
+    return _write(fig, path)
+
+
+def _write(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -60,10 +66,7 @@ def plot_layout_heatmap(layers: list[str], layouts: list[dict[str, int]], labels
     bar = fig.colorbar(image, ax=ax, ticks=range(len(widths)))
     bar.ax.set_yticklabels(["float" if w == 32 else f"{w} bit" for w in widths])
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _write(fig, path)
 
 
 def plot_history(numbers: list[int], values: list[float], pruned: list[bool], path: Path, ylabel: str) -> Path:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.engine import make_url
 
 from qsweep.errors import QsweepError
+from qsweep.locks import file_lock
 
 JOURNAL_PREFIX = "journal:"
 
@@ -45,17 +48,28 @@ def open_storage(spec: str | None, project_dir: Path, heartbeat_s: int, retries:
         raise StorageError(f"search.storage={url!r} is not allowed; give null (SQLite in the project), "
                            f"'journal:PATH' or an RDB URL such as 'sqlite:///optuna.db' or "
                            f"'postgresql://user:password@host/db'")
+    connect = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True, **({"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})},
-            heartbeat_interval=heartbeat_s,
-            grace_period=2 * heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries),
-        )
+        with _creation_lock(url):
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True, **connect},
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries),
+            )
     except Exception as exc:  # sqlalchemy raises many kinds: driver missing, refused, auth, bad URL
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"search.storage={redact(url)!r} cannot be reached: {reason}") from None
+
+
+def _creation_lock(url: str) -> AbstractContextManager:
+    """A lock on ``<file>.lock`` for a SQLite file: opening a new one creates its tables, and a second
+    process doing that at the same moment fails ("table studies already exists")."""
+    db = make_url(url)
+    if db.get_backend_name() != "sqlite" or db.database in (None, "", ":memory:"):
+        return nullcontext()
+    return file_lock(Path(db.database + ".lock"))
 
 
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:

@@ -11,6 +11,8 @@ import csv
 import os
 import socket
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +20,19 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
 
 from qsweep.config import quant_recipe
 from qsweep.errors import QsweepError
+from qsweep.files import atomic_write
 from qsweep.quant.plan import resolve_plan
 from qsweep.report import format_table
 from qsweep.score import compute_score
 from qsweep.search.space import SearchSpace
 from qsweep.search.storage import StorageError
 from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
-from qsweep.tracking import Recorder, flatten
+from qsweep.tracking import NullRecorder, Recorder, flatten
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 MAX_FAILURES_IN_A_ROW = 5
@@ -75,68 +79,75 @@ class Worker:
     tags: dict[str, str]
 
     def objective(self, trial: optuna.Trial):
-        s = self.cfg.search
         start = time.perf_counter()
         layout = self.space.suggest(trial)
         trial.set_user_attr("worker", WORKER)
-        rec = None
-        if self.parent is not None:
-            rec = self.parent.fork()
-            rec.start(f"{trial.study.study_name}:trial {trial.number}",
-                      {**self.tags, "qsweep.kind": "trial", "optuna.trial": str(trial.number)},
-                      parent_run_id=self.parent.run_id)
-            trial.set_user_attr("mlflow_run_id", rec.run_id)
-            rec.log_params({f"layout.{k}": v for k, v in flatten(layout).items()})
+        rec = self._trial_recorder(trial, layout)
         metrics: dict[str, float] = {}
         try:
-            self.models.apply(layout)
-            size = self.models.size_mb()
-            runner, fallbacks = self.models.runner(self.backend)
-            total = self.images.images
-            metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models),
-                           int_fallback_layers=len(fallbacks))
-            trial.set_user_attr("size_mb", size)
-            trial.set_user_attr("total", total)
-            eval_start = time.perf_counter()
-
-            def on_step(step: int, correct: int, seen: int) -> None:
-                top1 = 100.0 * correct / seen
-                if s.objective == "score" and seen < total:
-                    trial.set_user_attr("correct", correct)  # the bound pruner reads these two
-                    trial.set_user_attr("seen", seen)
-                    trial.report(self.score_of(size, top1), step)
-                    if trial.should_prune():
-                        metrics.update(partial_top1=top1, images=seen)
-                        raise optuna.TrialPruned(f"after {seen}/{total} images at {top1:.2f} % top-1")
-
-            correct, seen = evaluate_in_steps(runner, self.images, s.prune_steps, self.device, on_step)
-            top1 = 100.0 * correct / seen
-            score = self.score_of(size, top1)
-            metrics.update(top1=top1, score=score, images=seen, eval_s=time.perf_counter() - eval_start,
-                           trial_s=time.perf_counter() - start, pruned=0.0)
-            for key in ("top1", "score"):
-                trial.set_user_attr(key, metrics[key])
-            print(f"trial {trial.number}: score {score:g}, top-1 {top1:.2f} %, {size:.4f} MB, "
-                  f"{metrics['trial_s']:.1f} s", flush=True)
-            if rec is not None:
-                rec.log_metrics(metrics)
-                rec.finish()
-            return (top1, size) if s.objective == "pareto" else score
+            value = self._measure(trial, layout, metrics)
+            metrics["trial_s"] = time.perf_counter() - start
+            print(f"trial {trial.number}: score {metrics['score']:g}, top-1 {metrics['top1']:.2f} %, "
+                  f"{metrics['size_mb']:.4f} MB, {metrics['trial_s']:.1f} s", flush=True)
+            rec.log_metrics(metrics)
+            rec.finish()
+            return value
         except optuna.TrialPruned as exc:
             metrics.update(pruned=1.0, trial_s=time.perf_counter() - start)
             print(f"trial {trial.number}: pruned {exc}", flush=True)
-            if rec is not None:
-                rec.log_metrics(metrics)
-                rec.set_tags({"pruned": "true"})
-                rec.finish()
+            rec.log_metrics(metrics)
+            rec.set_tags({"pruned": "true"})
+            rec.finish()
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", reason[:1000])
             print(f"qsweep: trial {trial.number} failed: {reason}", flush=True)
-            if rec is not None:
-                rec.finish(error=reason)
+            rec.finish(error=reason)
             raise
+
+    def _trial_recorder(self, trial: optuna.Trial, layout: dict) -> Recorder | NullRecorder:
+        """The trial's MLflow run, nested under the study's, with its layout as params."""
+        if self.parent is None:
+            return NullRecorder()
+        rec = self.parent.fork()
+        rec.start(f"{trial.study.study_name}:trial {trial.number}",
+                  {**self.tags, "qsweep.kind": "trial", "optuna.trial": str(trial.number)},
+                  parent_run_id=self.parent.run_id)
+        trial.set_user_attr("mlflow_run_id", rec.run_id)
+        rec.log_params({f"layout.{k}": v for k, v in flatten(layout).items()})
+        return rec
+
+    def _measure(self, trial: optuna.Trial, layout: dict, metrics: dict[str, float]):
+        """Size and top-1 of ``layout``, reported step by step so the pruner can stop it; fills ``metrics``."""
+        s = self.cfg.search
+        self.models.apply(layout)
+        size = self.models.size_mb()
+        runner, fallbacks = self.models.runner(self.backend)
+        total = self.images.images
+        metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models),
+                       int_fallback_layers=len(fallbacks))
+        trial.set_user_attr("size_mb", size)
+        trial.set_user_attr("total", total)
+        eval_start = time.perf_counter()
+
+        def on_step(step: int, correct: int, seen: int) -> None:
+            top1 = 100.0 * correct / seen
+            if s.objective == "score" and seen < total:
+                trial.set_user_attr("correct", correct)  # the bound pruner reads these two
+                trial.set_user_attr("seen", seen)
+                trial.report(self.score_of(size, top1), step)
+                if trial.should_prune():
+                    metrics.update(partial_top1=top1, images=seen)
+                    raise optuna.TrialPruned(f"after {seen}/{total} images at {top1:.2f} % top-1")
+
+        correct, seen = evaluate_in_steps(runner, self.images, s.prune_steps, self.device, on_step)
+        top1 = 100.0 * correct / seen
+        score = self.score_of(size, top1)
+        metrics.update(top1=top1, score=score, images=seen, eval_s=time.perf_counter() - eval_start, pruned=0.0)
+        trial.set_user_attr("top1", top1)
+        trial.set_user_attr("score", score)
+        return (top1, size) if s.objective == "pareto" else score
 
 
 def average_bits(space: SearchSpace, layout: dict, models: LayoutModels) -> float:
@@ -146,21 +157,25 @@ def average_bits(space: SearchSpace, layout: dict, models: LayoutModels) -> floa
     return sum(choice["w"] * sizes[n] for n, choice in space.per_layer(layout).items()) / total
 
 
+# constant_liar: workers running in parallel do not all propose the same layout.
+SAMPLERS: dict[str, Callable[[int | None], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+}
+PRUNERS: dict[str, Callable[[Callable[[float, float], float]], optuna.pruners.BasePruner]] = {
+    "bound": ScoreBoundPruner,
+    "median": lambda score_of: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    "none": lambda score_of: optuna.pruners.NopPruner(),
+}
+
+
 def make_sampler(s: DictConfig) -> optuna.samplers.BaseSampler:
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed)
-    # constant_liar: workers running in parallel do not all propose the same layout.
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+    return SAMPLERS[s.sampler](s.seed)
 
 
 def make_pruner(s: DictConfig, score_of: Callable[[float, float], float]) -> optuna.pruners.BasePruner:
-    if s.objective == "pareto" or s.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-    return ScoreBoundPruner(score_of)
+    return PRUNERS["none" if s.objective == "pareto" else s.pruner](score_of)
 
 
 def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) -> tuple[optuna.Study, bool]:
@@ -207,7 +222,8 @@ def counts(study: optuna.Study) -> dict[TrialState, int]:
 def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (over all workers) or time is up.
 
-    With a heartbeat storage, trials of dead workers are failed here and retried (same layout).
+    Retries run before other waiting trials. With a heartbeat storage, trials of dead workers are
+    failed here and retried (same layout); a trial this worker is interrupted in is retried too.
     """
     s = worker.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
@@ -224,21 +240,120 @@ def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
                 return  # the other workers finish the rest
             time.sleep(min(1.0, s.heartbeat_s / 4))  # wait for them, or for their trials to go stale
             continue
-        study.optimize(worker.objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        last = study.get_trials(deepcopy=False)[-1]
+        last = run_trial(study, worker, claim_retry(study) or _ask(study), heartbeat)
         failures = failures + 1 if last.state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise SearchError(f"{failures} trials in a row failed; last: {last.user_attrs.get('error', '?')}")
 
 
+def _ask(study: optuna.Study) -> optuna.Trial:
+    with warnings.catch_warnings():  # that ask() starts no heartbeat thread: run_trial starts one
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask()
+
+
+def claim_retry(study: optuna.Study) -> optuna.Trial | None:
+    """The oldest waiting retry of a failed trial, now RUNNING for this worker (None if there is none).
+
+    Optuna would run it after every other waiting trial (a whole warm start): maybe never within
+    ``n_trials``.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "failed_trial" not in t.system_attrs:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):  # False: another took it
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker took it and finished it meanwhile
+    return None
+
+
+def run_trial(study: optuna.Study, worker: Worker, trial: optuna.Trial, heartbeat: bool) -> FrozenTrial:
+    """Run ``trial`` (as ``study.optimize`` would) and tell the study how it ended.
+
+    An interrupt (Ctrl-C, SIGTERM, any exception that is not an ``Exception``) requeues the trial
+    and goes on up.
+    """
+    if heartbeat:  # now, not when the thread first runs: a trial without any heartbeat never goes stale
+        study._storage.record_heartbeat(trial._trial_id)
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            value = worker.objective(trial)
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except Exception:
+        traceback.print_exc()
+        state = TrialState.FAIL
+    except BaseException as exc:
+        requeue(study, trial._trial_id, exc, worker.parent)
+        raise
+    else:
+        return study.tell(trial, value, skip_if_finished=True)  # finished already: failed as stale meanwhile
+    return study.tell(trial, state=state, skip_if_finished=True)
+
+
+def requeue(study: optuna.Study, trial_id: int, exc: BaseException, parent: Recorder | None) -> None:
+    """Fail a trial this worker was stopped in and queue it to run again; its MLflow run says so.
+
+    Being stopped is not the layout's fault: unlike a dead worker's trial, this one is retried
+    however often it was before.
+    """
+    trial = study._storage.get_trial(trial_id)
+    if trial.state.is_finished():  # this worker hung so long that another failed the trial as stale, and retried it
+        return
+    retry = enqueue_retry(study, trial)
+    reason = f"interrupted ({type(exc).__name__}); retried as trial {retry}"
+    study._storage.set_trial_user_attr(trial_id, "error", reason)
+    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if parent is not None and run_id is not None:
+        rec = parent.fork()
+        rec.attach(run_id)
+        rec.set_tags({"retried_as": str(retry)})
+        rec.finish(error=reason, killed=True)
+
+
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> int:
+    """A waiting copy of ``trial`` (same layout), marked as optuna's heartbeat retries are; returns its number."""
+    attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+             "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number]}
+    copy = optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                                     user_attrs=trial.user_attrs, system_attrs=attrs)
+    return study._storage.get_trial_number_from_id(study._storage.create_new_trial(study._study_id, copy))
+
+
+def stop_parent(study: optuna.Study, parent: Recorder, exc: BaseException) -> None:
+    """This worker stops early: unless other workers still run trials, the study's run is no longer RUNNING.
+
+    KILLED when interrupted, FAILED on an error; a worker that joins later sets it RUNNING again.
+    """
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        parent.client.set_terminated(parent.run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+
+
 def close_stale_runs(study: optuna.Study, parent: Recorder) -> None:
-    """A trial failed because its worker died still shows RUNNING in MLflow: mark it FAILED with why."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    """The MLflow run of a trial whose worker died says so, and whether (as which trial) it was retried.
+
+    Such a run is still RUNNING, or KILLED by a later run's check for dead processes, which cannot
+    know of the retry.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
+    for t in trials:
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and parent.client.get_run(run_id).info.status == "RUNNING":
-            rec = parent.fork()
-            rec.attach(run_id)
-            rec.finish(error=t.user_attrs.get("error", "its worker stopped (no heartbeat); the trial was retried"))
+        if t.state != TrialState.FAIL or run_id is None:
+            continue
+        run = parent.client.get_run(run_id)
+        if run.info.status not in ("RUNNING", "KILLED") or "retried_as" in run.data.tags:
+            continue
+        retry = retried_as.get(t.number)
+        rec = parent.fork()
+        rec.attach(run_id)
+        rec.set_tags({"retried_as": str(retry)})
+        why = run.data.tags.get("error", "its worker stopped (no heartbeat)")
+        rec.finish(error=f"{why}; " + (f"retried as trial {retry}" if retry is not None else
+                                       "not retried (search.retries used up)"), killed=True)
 
 
 def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
@@ -253,13 +368,15 @@ def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
 
 
 def write_trials_csv(rows: list[dict[str, Any]], space: SearchSpace, path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", "state", "score", "top1", "size_mb", "duration_s", *space.layers])
-        for r in rows:
-            writer.writerow([r["trial"], r["state"], r["score"], r["top1"], r["size_mb"], r["duration_s"],
-                             *(r["layout"][n] for n in space.layers)])
-    return path
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial", "state", "score", "top1", "size_mb", "duration_s", *space.layers])
+            for r in rows:
+                writer.writerow([r["trial"], r["state"], r["score"], r["top1"], r["size_mb"], r["duration_s"],
+                                 *(r["layout"][n] for n in space.layers)])
+
+    return atomic_write(path, write)
 
 
 def best_experiment_yaml(cfg: DictConfig, layers: dict[str, Any], name: str, header: list[str]) -> str:
@@ -269,7 +386,7 @@ def best_experiment_yaml(cfg: DictConfig, layers: dict[str, Any], name: str, hea
     doc = {k: plain[k] for k in keep}
     doc["quant"]["layers"] = layers
     doc["quant"]["name"] = name
-    doc.update(experiment=name, mode="run")
+    doc.update(name=name, mode="run")
     lines = ["# @package _global_", *(f"# {line}" for line in header)]
     return "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(doc))
 

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from qsweep.config import quant_recipe
+from qsweep.evaluate import top1_correct
 from qsweep.export import artifact_size_mb
-from qsweep.quant.calibrate import quantize
+from qsweep.quant.pipeline import quantize
 from qsweep.quant.smooth import input_divisors
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.quant.packed import PackedWeight
@@ -68,8 +69,8 @@ class LayoutModels:
     """
 
     def __init__(self, model: nn.Module, recipe: DictConfig, calib: list[Any], space: SearchSpace,
-                 adaround: Any = None, lsq: Any = None, progress: bool = False):
-        self.space = space
+                 adaround: Any = None, lsq: Any = None, progress: bool = False, kernels: str = "fake"):
+        self.space, self.kernels = space, kernels  # kernels: the artifact form sized (export.kernels)
         widths = [w for w in space.w_choices if w != FLOAT]
         top_w = max(widths)
         a_default = max(space.a_choices) if space.a_choices else None
@@ -105,7 +106,7 @@ class LayoutModels:
             self.floats = {n: base.get_submodule(n) for n in space.layers}
         self.param_counts = {n: m.weight.numel() for n, m in self.quant_modules.items()}
         self.packed_bytes = {key: _packed_bytes(q) for key, q in self.weights.items()}
-        self._fixed_mb = artifact_size_mb(self.model) - sum(
+        self._fixed_mb = artifact_size_mb(self.model, kernels) - sum(
             self.packed_bytes[(n, top_w)] for n in space.layers) / 1e6
         self._float_bytes = {n: sum(t.numel() * t.element_size() for t in m.state_dict().values())
                              for n, m in self.floats.items()}
@@ -130,7 +131,7 @@ class LayoutModels:
 
     def size_mb(self) -> float:
         """The artifact size of the current layout as the grader measures it."""
-        return artifact_size_mb(self.model)
+        return artifact_size_mb(self.model, self.kernels)
 
     def estimate_mb(self, layout: dict[str, dict[str, int]]) -> float:
         """The artifact size from cached per-layer packed sizes, without serializing (for planning)."""
@@ -160,7 +161,7 @@ def evaluate_in_steps(model: nn.Module, images: TrialImages, steps: int, device:
     for step, part in enumerate(images.steps(steps)):
         for x, y in part:
             logits = model(x.to(device))
-            correct += int((logits.argmax(-1).cpu() == y).sum())
+            correct += top1_correct(logits, y)
             seen += len(y)
         on_step(step, correct, seen)
     return correct, seen

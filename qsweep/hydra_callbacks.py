@@ -1,0 +1,54 @@
+"""Hydra callbacks: a multirun's parent run, and a non-zero exit naming the jobs that failed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+# qsweep.app writes it into a run's folder when the run fails or is killed.
+FAILED_FILE = "error.txt"
+
+
+def _sweep_recorder(config: DictConfig):
+    if not config.tracking.enabled:
+        return None
+    from qsweep.tracking import Recorder  # MLflow is heavy: only multiruns that record pay for it
+
+    return Recorder.for_project(config.tracking.uri, config.tracking.experiment, Path.cwd())
+
+
+class SweepOutcome(Callback):
+    """A multirun's parent MLflow run, opened before its jobs and closed after them, and its outcome.
+
+    The parent is made here, in the launching process, so jobs a launcher runs in parallel
+    processes all find the same one. At the end, job folders holding a failure are counted:
+    folders rather than in-process state, so jobs of any launcher count. Hydra swallows a
+    callback's exception, so ``python -m qsweep`` reads :data:`failed_jobs` for its exit status.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        rec = _sweep_recorder(config)
+        if rec is not None:
+            rec.sweep_parent(str(Path(config.hydra.sweep.dir).resolve()), config.name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global failed_jobs
+        sweep = Path(config.hydra.sweep.dir)
+        rec = _sweep_recorder(config)
+        if rec is not None:
+            rec.close_sweep(rec.sweep_parent(str(sweep.resolve()), config.name))
+        jobs = [p.parent for p in sweep.glob("*/.hydra")]
+        failed = sorted(job for job in jobs if (job / FAILED_FILE).exists())
+        failed_jobs = len(failed)
+        if failed:
+            reasons = "\n".join(f"  {job}: {(job / FAILED_FILE).read_text().strip()[:300]}" for job in failed)
+            print(f"qsweep: error: {len(failed)} of {len(jobs)} jobs of the multirun in {sweep} failed:\n{reasons}",
+                  file=sys.stderr, flush=True)
+
+
+failed_jobs = 0  # set by SweepOutcome at the end of a multirun

@@ -1,0 +1,28 @@
+"""The job a config asks for: one run (``mode=run`` or ``analyze``) or a study's worker (``mode=search``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qsweep.app import run
+from qsweep.config import validate
+from qsweep.job import PROJECT_DIR, check_environment, record_failure
+from qsweep.search import run_search
+from qsweep.tracking import NullRecorder
+
+
+def execute(cfg: DictConfig, output_dir: str | Path, sweep: str | None = None) -> dict[str, Any]:
+    """Run ``cfg``'s mode; a Hydra multirun passes its ``sweep`` directory so jobs nest under one parent run."""
+    if cfg.get("mode") != "search":
+        return run(cfg, output_dir, sweep=sweep)
+    output_dir = Path(output_dir)
+    try:
+        cfg = validate(cfg)
+        check_environment(cfg, output_dir)
+        return run_search(cfg, output_dir, PROJECT_DIR, sweep=sweep)
+    except BaseException as exc:
+        record_failure(output_dir, NullRecorder(), exc)  # the study's own runs record themselves
+        raise
