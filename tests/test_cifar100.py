@@ -43,10 +43,10 @@ def fake(tmp_path_factory):
     return SimpleNamespace(root=root, **raw)
 
 
-def _cfg(root, **kw) -> SimpleNamespace:
+def _cfg(root, **kw) -> DataConfig:
     base = dict(name="cifar100", root=None if root is None else str(root), download=False, test_set="mini", per_class=5, image_size=32)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return DataConfig(**base)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

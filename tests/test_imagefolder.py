@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from qsweep.config import CalibConfig, ConfigError
+from qsweep.config import CalibConfig, ConfigError, DataConfig
 from qsweep.data import REGISTRY, build_data, calibration_batches, eval_loader
 from qsweep.data.cifar100 import IMAGENET_MEAN, IMAGENET_STD, DataFileError
 from qsweep.data.imagefolder import build_imagefolder
@@ -40,10 +39,10 @@ def make_folder(root: Path, train_per_class: int = 4, val_per_class: int = 2, ev
     return root
 
 
-def _cfg(root, **kw) -> SimpleNamespace:
+def _cfg(root, **kw) -> DataConfig:
     base = dict(name="imagefolder", root=None if root is None else str(root), image_size=32, convert_rgb=False)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return DataConfig(**base)
 
 
 def _normalized(color) -> np.ndarray:

@@ -122,3 +122,10 @@ def test_cli_table_json_and_errors(setup, capsys):
     assert main([str(artifact), "--data-root", str(tmp / "empty"), "--image-size", "32"]) == 2
     err = capsys.readouterr().err
     assert "--data-root=" in err and "cifar-100-python/{train,test,meta}" in err
+
+
+def test_an_artifact_exported_for_another_input_shape_is_a_clear_error(setup, capsys):
+    _, data, artifact, _, _ = setup  # exported for 32x32 inputs
+    assert main([str(artifact), "--data-root", str(data), "--image-size", "24", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not accept the data's input of shape (1, 3, 24, 24)" in err and "--image-size" in err

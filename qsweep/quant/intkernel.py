@@ -205,6 +205,12 @@ class IntGemm(nn.Module):
     ``[G, N]`` (``c * col_term``, static activations) and ``bias`` float32 ``[N]``.
     """
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty float32 tensor, not the weight (that is integer codes): models that read a layer's
+        ``weight.dtype`` to cast their input (Hugging Face ViT's patch embedding) keep feeding float."""
+        return torch.empty(0)
+
     def __init__(self, layer: QuantLayer, act_kernel: str = "auto"):
         super().__init__()
         if act_kernel not in ACT_KERNELS:
