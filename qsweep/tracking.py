@@ -26,6 +26,7 @@ _PARAM_CHUNK = 100
 _PARAM_VALUE_MAX = 6000
 PROBE_TIMEOUT_S = 5.0
 HOST = socket.gethostname()
+_REAPED: set[tuple[str, str]] = set()  # (store, experiment) this process has closed dead runs in
 # MLflow 3 opens an experiment on its GenAI overview unless told it holds model-development runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -140,8 +141,13 @@ class Recorder:
         return cls(resolved, experiment, root)
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
-        """Start a run tagged with this host and process, after closing the runs of dead ones."""
-        self.reap_dead_runs()
+        """Start a run tagged with this host and process, after closing the runs of dead ones.
+
+        Dead runs are looked for once per process and store: a study's trials start runs often.
+        """
+        if (self.uri, self.experiment_id) not in _REAPED:
+            self.reap_dead_runs()
+            _REAPED.add((self.uri, self.experiment_id))
         all_tags = {**tags, **self.owner_tags()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
