@@ -184,6 +184,10 @@ class Recorder:
         """Record into an existing run (a study's parent run, joined by a second worker)."""
         self.run_id = run_id
 
+    def get_run(self, run_id: str):
+        """Another run of the store (its status and tags), e.g. a study's trial's."""
+        return self.client.get_run(run_id)
+
     def sweep_parent(self, sweep: str, experiment: str) -> str:
         """The run that holds a Hydra multirun's jobs, found by its sweep directory or created (RUNNING)."""
         found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`qsweep.sweep` = '{sweep}'",
@@ -229,9 +233,9 @@ class Recorder:
         status = "KILLED" if killed else "FAILED" if error is not None else "FINISHED"
         self.client.set_terminated(self.run_id, status=status)
 
-    def close_parent(self, parent_run_id: str) -> None:
-        """Mark a study's run finished; a later worker may reopen it."""
-        self.client.set_terminated(parent_run_id, status="FINISHED")
+    def close_parent(self, status: str = "FINISHED") -> None:
+        """End this study's run (FAILED or KILLED: a worker stopped early); a later worker may reopen it."""
+        self.client.set_terminated(self.run_id, status=status)
 
 
 
@@ -239,6 +243,21 @@ class NullRecorder:
     """Stands in for a :class:`Recorder` when tracking is off: records nothing, so callers need no checks."""
 
     uri = run_id = None
+
+    def fork(self) -> "NullRecorder":
+        return self
+
+    def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None) -> None:
+        return None
+
+    def attach(self, run_id: str) -> None:
+        pass
+
+    def get_run(self, run_id: str) -> None:
+        return None
+
+    def close_parent(self, status: str = "FINISHED") -> None:
+        pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass

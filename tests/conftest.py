@@ -17,10 +17,10 @@ def qsweep_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_bundle():
     """The digits data with the default split."""
-    from qsweep.config import DataConfig
+    from qsweep.config import DigitsDataConfig
     from qsweep.data import build_data
 
-    return build_data(DataConfig())
+    return build_data(DigitsDataConfig())
 
 
 @pytest.fixture(scope="session")

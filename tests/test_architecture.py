@@ -84,3 +84,16 @@ def test_config_choices_name_the_implementations():
     from qsweep.search import study
 
     assert set(config.SAMPLERS) == set(study.SAMPLERS) and set(config.PRUNERS) == set(study.PRUNERS)
+
+
+def test_config_observers_are_the_implemented_ones():
+    from qsweep import config
+    from qsweep.quant import observers
+
+    assert config.OBSERVERS == observers.OBSERVERS  # same order: error messages list them
+
+
+def test_every_dataset_has_a_builder_and_a_schema():
+    from qsweep import config, data
+
+    assert set(data.REGISTRY) == set(config.DATA_SCHEMAS)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from qsweep.config import CalibConfig, ConfigError, DataConfig
+from qsweep.config import CalibConfig, Cifar100DataConfig, ConfigError
 from qsweep.data import REGISTRY, build_data, calibration_batches, calibration_indices, eval_loader
 from qsweep.data.cifar100 import (
     IMAGENET_MEAN,
@@ -43,10 +43,10 @@ def fake(tmp_path_factory):
     return SimpleNamespace(root=root, **raw)
 
 
-def _cfg(root, **kw) -> DataConfig:
+def _cfg(root, **kw) -> Cifar100DataConfig:
     base = dict(name="cifar100", root=None if root is None else str(root), download=False, test_set="mini", per_class=5, image_size=32)
     base.update(kw)
-    return DataConfig(**base)
+    return Cifar100DataConfig(**base)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -56,7 +56,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def test_registered_and_builds_from_dataconfig(fake):
     assert REGISTRY["cifar100"] is build_cifar100
-    b = build_data(DataConfig(name="cifar100", root=str(fake.root)))  # no new fields: the lab's defaults
+    b = build_data(Cifar100DataConfig(root=str(fake.root)))  # the lab's defaults
     assert b.name == "cifar100" and b.num_classes == 100 and b.input_shape == (3, 224, 224)
     assert len(b.test) == 500 and len(b.train) == 300
     x, y = b.test[0]

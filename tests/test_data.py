@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
-from qsweep.config import CalibConfig, ConfigError, DataConfig
+from qsweep.config import CalibConfig, ConfigError, DataConfig, DigitsDataConfig
 from qsweep.data import DataBundle, build_data, calibration_batches, calibration_indices, eval_loader
 from qsweep.data.digits import stratified_split
 
@@ -48,9 +48,9 @@ def test_every_class_in_test(digits_bundle):
 
 
 def test_split_is_deterministic():
-    a = build_data(DataConfig(seed=3))
-    b = build_data(OmegaConf.structured(DataConfig(seed=3)))  # DictConfig works too
-    c = build_data(DataConfig(seed=4))
+    a = build_data(DigitsDataConfig(seed=3))
+    b = build_data(OmegaConf.structured(DigitsDataConfig(seed=3)))  # DictConfig works too
+    c = build_data(DigitsDataConfig(seed=4))
     assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and torch.equal(a.test.tensors[1], b.test.tensors[1])
     assert a.fingerprint == b.fingerprint
     assert c.fingerprint != a.fingerprint
@@ -58,13 +58,20 @@ def test_split_is_deterministic():
 
 
 def test_test_fraction_changes_split_and_fingerprint():
-    a = build_data(DataConfig(test_fraction=0.5))
+    a = build_data(DigitsDataConfig(test_fraction=0.5))
     assert len(a.test) == 899 and "test=0.5" in a.fingerprint
 
 
 def test_unknown_dataset_lists_registered_names():
     with pytest.raises(ConfigError, match=r"data.name='mnist'.*digits"):
         build_data(DataConfig(name="mnist"))
+
+
+def test_data_configs_are_read_on_their_dataset_schema():
+    """Defaults come from the dataset's dataclass; a key the dataset does not read is an error naming it."""
+    assert build_data(DataConfig()).fingerprint == build_data({"name": "digits", "seed": 0}).fingerprint
+    with pytest.raises(ConfigError, match=r"data\.per_class.*DigitsDataConfig"):
+        build_data({"name": "digits", "per_class": 3})
 
 
 @pytest.mark.parametrize("n,lo,hi", [(20, 2, 2), (25, 2, 3), (100, 10, 10), (7, 0, 1)])

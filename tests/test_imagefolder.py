@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from qsweep.config import CalibConfig, ConfigError, DataConfig
+from qsweep.config import CalibConfig, ConfigError, ImageFolderDataConfig
 from qsweep.data import REGISTRY, build_data, calibration_batches, eval_loader
 from qsweep.data.cifar100 import IMAGENET_MEAN, IMAGENET_STD, DataFileError
 from qsweep.data.imagefolder import build_imagefolder
@@ -39,10 +39,10 @@ def make_folder(root: Path, train_per_class: int = 4, val_per_class: int = 2, ev
     return root
 
 
-def _cfg(root, **kw) -> DataConfig:
+def _cfg(root, **kw) -> ImageFolderDataConfig:
     base = dict(name="imagefolder", root=None if root is None else str(root), image_size=32, convert_rgb=False)
     base.update(kw)
-    return DataConfig(**base)
+    return ImageFolderDataConfig(**base)
 
 
 def _normalized(color) -> np.ndarray:

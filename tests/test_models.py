@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from qsweep.config import ConfigError, DataConfig, ModelConfig
+from qsweep.config import ConfigError, DigitsDataConfig, ModelConfig
 from qsweep.data import build_data
 from qsweep.data.bundle import DataBundle
 from qsweep.models import CheckpointError, build_model, cache_dir, load_checkpoint, load_digits_vit
@@ -66,9 +66,9 @@ def test_digits_vit_second_load_hits_cache(digits_bundle, digits_vit, qsweep_cac
 
 
 def test_digits_vit_cache_key_follows_data(digits_bundle, qsweep_cache):
-    other = build_data(DataConfig(seed=1))
+    other = build_data(DigitsDataConfig(seed=1))
     assert cache_path(other, qsweep_cache) != cache_path(digits_bundle, qsweep_cache)
-    assert cache_path(build_data(DataConfig()), qsweep_cache) == cache_path(digits_bundle, qsweep_cache)
+    assert cache_path(build_data(DigitsDataConfig()), qsweep_cache) == cache_path(digits_bundle, qsweep_cache)
 
 
 def test_digits_vit_training_is_deterministic(digits_bundle):

@@ -14,15 +14,17 @@ from optuna.trial import TrialState
 
 import qsweep
 from qsweep import app
-from qsweep.config import ConfigError, QuantConfig, RootConfig, quant_recipe
+from qsweep.config import ConfigError, QuantConfig, RootConfig, quant_recipe, validate
 from qsweep.data import calibration_batches
 from qsweep.export import export_artifact, state_dict_size_mb
+from qsweep.files import write_text
 from qsweep.modes import execute
 from qsweep.quant.smooth import input_divisors
 from qsweep.search.greedy import greedy_layout, layer_noise
 from qsweep.search.plots import pareto_front
 from qsweep.search.space import FLOAT, SearchSpace, block_of, type_of
 from qsweep.search.storage import StorageError
+from qsweep.search.study import BEST_RUN_KEYS, best_experiment_yaml
 from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -160,6 +162,10 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
     assert result["best_score"] >= max(t.user_attrs["score"] for t in study.trials[:2] if "score" in t.user_attrs) - 2
     yaml_path = Path(result["best_yaml"])
     assert yaml_path.exists() and yaml_path.read_text().startswith("# @package _global_")
+    # a defaults line, the name and quant.layers, plus what the command line changed: not the whole config
+    overlay = OmegaConf.load(yaml_path)
+    assert set(overlay) == {"defaults", "name", "quant", "export"} and set(overlay.quant) == {"name", "layers"}
+    assert overlay.defaults == [{"override /data": "digits"}, "_self_"] and overlay.export == {"enabled": False}
     assert (tmp_path / "out" / "pareto.png").exists() and (tmp_path / "out" / "layout_heatmap.png").exists()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -189,6 +195,25 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
     assert best["size_mb"] == pytest.approx(result["best_size_mb"], abs=1e-6)
     # a fresh run calibrates activations on its own weights, trials on the widest ones: close, not equal
     assert best["top1"] == pytest.approx(result["best_top1"], abs=1.5)
+
+
+def test_the_best_overlay_states_what_differs_and_reproduces_the_run(tmp_path):
+    overrides = ["+experiment=deit_mixed_search", "data.root=/data", "model.checkpoint=/deit.pth", "quant=w8a8",
+                 "data.test_set=full", "search.n_trials=3", "tracking.enabled=false"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = validate(compose("config", overrides=overrides))
+    layers = {"head": {"w_bits": 8}, "blocks.0.attn.qkv": {"w_bits": 3, "a_bits": None}}
+    text = best_experiment_yaml(cfg, layers, "s_best", ["a header"])
+    write_text(tmp_path / "experiment" / "best" / "s_best.yaml", text)
+    overlay = OmegaConf.load(tmp_path / "experiment" / "best" / "s_best.yaml")
+    assert overlay.defaults == [{"override /data": "cifar100"}, "_self_"] and overlay.quant.layers == layers
+    assert overlay.data == {"root": "/data", "test_set": "full"} and "search" not in overlay and "mode" not in overlay
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        best = validate(compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "+experiment=best/s_best",
+                                                     "tracking.enabled=false"]))
+    expected = OmegaConf.merge(cfg, {"quant": {"name": "s_best", "layers": layers}})
+    assert {k: best[k] for k in BEST_RUN_KEYS} == {k: expected[k] for k in BEST_RUN_KEYS}
+    assert best.mode == "run" and best.name == "s_best"
 
 
 def test_a_study_of_the_same_name_with_another_space_is_refused(tmp_path, digits_vit):

@@ -17,6 +17,7 @@ from qsweep.modes import execute
 from qsweep.config import RootConfig
 from qsweep.search.storage import open_storage
 from qsweep.search.study import open_study, work
+from qsweep.tracking import NullRecorder
 from test_search import compose_search, study_of
 
 
@@ -62,7 +63,7 @@ def test_an_interrupted_trial_is_retried_first_however_often_and_whatever_stoppe
         return ran[-1]
 
     worker = SimpleNamespace(cfg=OmegaConf.create({"search": {"n_trials": 2, "timeout_s": None, "heartbeat_s": 10}}),
-                             objective=objective, parent=None)
+                             objective=objective, parent=NullRecorder())
     for stop in (KeyboardInterrupt, Stopped):
         with pytest.raises(stop):
             work(study, worker, heartbeat=True)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qsweep.quant.batches import call_model, device_of, to_device
+from qsweep.quant.observers import Moments
 from qsweep.quant.plan import QUANTIZABLE
 
 PERCENTILES = (0.01, 1.0, 25.0, 50.0, 75.0, 99.0, 99.99)
@@ -165,9 +166,7 @@ class StreamSampler:
             raise ValueError(f"max_samples={max_samples!r}; need at least 1")
         self.max_samples = int(max_samples)
         self.gen = torch.Generator().manual_seed(seed)
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0  # sum of squared deviations (Chan et al. parallel update)
+        self.moments = Moments()
         self.vmin = math.inf
         self.vmax = -math.inf
         self.values = torch.empty(0)
@@ -185,12 +184,7 @@ class StreamSampler:
         lo, hi = torch.aminmax(x)
         var, mean = torch.var_mean(x.float(), correction=0)
         self.vmin, self.vmax = min(self.vmin, float(lo)), max(self.vmax, float(hi))
-        mean, m2 = float(mean), float(var) * n
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
+        self.moments.add(n, float(mean), float(var) * n)
 
         if n > self.max_samples:
             idx = torch.randint(n, (self.max_samples,), generator=self.gen)
@@ -210,11 +204,11 @@ class StreamSampler:
         self.values, self.keys = values, keys
 
     def stats(self) -> TensorStats:
-        if self.count == 0:
+        m = self.moments
+        if m.count == 0:
             raise ValueError("the stream saw no values")
-        std = math.sqrt(max(self.m2, 0.0) / self.count)
-        summary = summarize(self.values, count=self.count, vmin=self.vmin, vmax=self.vmax, mean=self.mean,
-                            std=std, exact=not self.dropped)
+        summary = summarize(self.values, count=m.count, vmin=self.vmin, vmax=self.vmax, mean=m.mean,
+                            std=m.std, exact=not self.dropped)
         return TensorStats(sample=self.values.clone(), **summary)
 
 
@@ -262,7 +256,7 @@ def collect_stats(model: nn.Module, batches: Iterable[Any], max_samples: int = D
     out: dict[str, LayerStats] = {}
     for i, (name, module) in enumerate(layers.items()):
         inp, outp = streams[name]
-        if inp.count == 0 or outp.count == 0:
+        if inp.moments.count == 0 or outp.moments.count == 0:
             continue
         out[name] = LayerStats(
             name=name,

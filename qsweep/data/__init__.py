@@ -1,4 +1,4 @@
-"""Datasets: :func:`build_data` turns a ``DataConfig`` into a :class:`DataBundle`."""
+"""Datasets: :func:`build_data` turns a data config (``qsweep.config.DATA_SCHEMAS``) into a :class:`DataBundle`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from typing import Callable
 
 from torch.utils.data import DataLoader, Subset
 
-from qsweep.config import ConfigError
+from qsweep.config import ConfigError, data_config
 from qsweep.data.bundle import DataBundle
 from qsweep.data.calibration import calibration_batches, calibration_indices
 from qsweep.data.cifar100 import build_cifar100
 from qsweep.data.digits import build_digits
 from qsweep.data.imagefolder import build_imagefolder
 
-# name -> builder(cfg) -> DataBundle. Other sources register here.
+# name -> builder(cfg) -> DataBundle; each name also has its schema in qsweep.config.DATA_SCHEMAS.
 REGISTRY: dict[str, Callable[..., DataBundle]] = {
     "digits": build_digits,
     "cifar100": build_cifar100,
@@ -22,12 +22,9 @@ REGISTRY: dict[str, Callable[..., DataBundle]] = {
 
 
 def build_data(cfg) -> DataBundle:
-    """The bundle named by ``cfg.name`` (see :data:`REGISTRY`)."""
-    name = cfg.name
-    builder = REGISTRY.get(name)
-    if builder is None:
-        raise ConfigError(f"data.name={name!r} is not allowed; choose one of {sorted(REGISTRY)}")
-    return builder(cfg)
+    """The bundle named by ``cfg.name`` (see :data:`REGISTRY`), ``cfg`` read on that dataset's schema."""
+    cfg = data_config(cfg)
+    return REGISTRY[cfg.name](cfg)
 
 
 def eval_loader(bundle: DataBundle, cfg) -> DataLoader:

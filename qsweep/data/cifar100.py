@@ -22,7 +22,6 @@ import io
 import math
 import pickle
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,11 +46,6 @@ PREPROCESS_VERSION = 1
 
 class DataFileError(QsweepError):
     """A data file on disk is unreadable, malformed or refused (the message names the file)."""
-
-
-def _get(cfg, key, default):
-    value = getattr(cfg, key, default) if cfg is not None else default
-    return default if value is None else value
 
 
 def _positive_int(key: str, value, minimum: int = 1) -> int:
@@ -384,21 +378,17 @@ def mini_test_indices(labels: np.ndarray, per_class: int = LAB_PER_CLASS, key: s
     return np.concatenate(out).astype(np.int64)
 
 
-def _options(cfg) -> tuple[str, int, int]:
-    test_set = _get(cfg, "test_set", "mini")
+def _options(test_set: str, per_class: int, image_size: int) -> tuple[str, int, int]:
     if test_set not in TEST_SETS:
         raise ConfigError(f"data.test_set={test_set!r} is not allowed; choose one of {list(TEST_SETS)}")
-    per_class = _positive_int("data.per_class", _get(cfg, "per_class", LAB_PER_CLASS))
-    image_size = _positive_int("data.image_size", _get(cfg, "image_size", LAB_IMAGE_SIZE))
-    return test_set, per_class, image_size
+    return test_set, _positive_int("data.per_class", per_class), _positive_int("data.image_size", image_size)
 
 
 def cifar100_test_set(root, test_set: str = "mini", per_class: int = LAB_PER_CLASS,
                       image_size: int = LAB_IMAGE_SIZE, key: str = "data.root",
                       per_class_key: str = "data.per_class") -> CifarImages:
     """Only the evaluation set (reads the ``test`` file alone): what the grader evaluates on."""
-    opts = SimpleNamespace(test_set=test_set, per_class=per_class, image_size=image_size)
-    test_set, per_class, image_size = _options(opts)
+    test_set, per_class, image_size = _options(test_set, per_class, image_size)
     folder = locate(root, False, key)
     images, labels = load_split(folder / "test")
     indices = mini_test_indices(labels, per_class, per_class_key) if test_set == "mini" else None
@@ -406,10 +396,9 @@ def cifar100_test_set(root, test_set: str = "mini", per_class: int = LAB_PER_CLA
 
 
 def build_cifar100(cfg) -> DataBundle:
-    """The CIFAR-100 bundle for ``cfg`` (a DataConfig: root, download, test_set, per_class, image_size)."""
-    test_set, per_class, image_size = _options(cfg)
-    root = _get(cfg, "root", None)
-    folder = locate(root, bool(_get(cfg, "download", False)))
+    """The CIFAR-100 bundle for ``cfg`` (a Cifar100DataConfig)."""
+    test_set, per_class, image_size = _options(cfg.test_set, cfg.per_class, cfg.image_size)
+    folder = locate(cfg.root, cfg.download)
     train_x, train_y = load_split(folder / "train")
     test_x, test_y = load_split(folder / "test")
     load_class_names(folder / "meta")  # validates the meta file

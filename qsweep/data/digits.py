@@ -22,11 +22,6 @@ NUM_CLASSES = 10
 PREPROCESS_VERSION = 1
 
 
-def _get(cfg, key, default):
-    value = getattr(cfg, key, default) if cfg is not None else default
-    return default if value is None else value
-
-
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split: sorted train and test index arrays."""
     from sklearn.model_selection import train_test_split
@@ -44,11 +39,10 @@ def _upsample(pixels: np.ndarray) -> torch.Tensor:
 
 
 def build_digits(cfg) -> DataBundle:
-    """The digits bundle for ``cfg`` (a DataConfig: uses ``seed`` and ``test_fraction``)."""
+    """The digits bundle for ``cfg`` (a DigitsDataConfig: ``seed`` and ``test_fraction``)."""
     from sklearn.datasets import load_digits
 
-    seed = int(_get(cfg, "seed", 0))
-    test_fraction = float(_get(cfg, "test_fraction", 0.25))
+    seed, test_fraction = cfg.seed, cfg.test_fraction
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction={test_fraction!r} is not allowed; must be in (0, 1)")
 

@@ -37,11 +37,6 @@ EVAL_SPLITS = ("val", "test")
 PREPROCESS_VERSION = 1
 
 
-def _get(cfg, key, default):
-    value = getattr(cfg, key, default) if cfg is not None else default
-    return default if value is None else value
-
-
 def _layout(root) -> str:
     return (
         f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/ instead of "
@@ -155,12 +150,10 @@ def _files_hash(base: Path, *datasets) -> str:
 
 
 def build_imagefolder(cfg) -> DataBundle:
-    """The image-folder bundle for ``cfg`` (a DataConfig: root, image_size, convert_rgb)."""
-    root = _get(cfg, "root", None)
-    image_size = _get(cfg, "image_size", IMAGE_SIZE)
+    """The image-folder bundle for ``cfg`` (an ImageFolderDataConfig)."""
+    root, image_size, convert_rgb = cfg.root, cfg.image_size, cfg.convert_rgb
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"data.image_size={image_size!r} is not allowed; must be an integer >= 1")
-    convert_rgb = bool(_get(cfg, "convert_rgb", False))
     train_dir, eval_dir = _split_dirs(root)
 
     train_classes, eval_classes = _classes(train_dir), _classes(eval_dir)

@@ -82,8 +82,7 @@ def build_hf_model(cfg, bundle) -> tuple[nn.Module, str]:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path={str(path)!r} is not allowed with model.source=hf: give a local "
                           "directory holding a Hugging Face model's config.json (save_pretrained output)")
-    weights = getattr(cfg, "weights", "auto") or "auto"
-    trust = bool(getattr(cfg, "trust_checkpoint", False))
+    weights, trust = cfg.weights, cfg.trust_checkpoint
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     _check_input(path, config, bundle.input_shape)
     auto = transformers.AutoModelForImageClassification

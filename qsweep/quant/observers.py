@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -33,8 +33,6 @@ _KL_BLOCK_ELEMENTS = 1 << 22
 # Activation subsampling draws runs of this many adjacent values (one 64-byte cache line).
 _SAMPLE_RUN = 16
 
-_SAMPLED = ("percentile", "iqr", "mse", "kl", "auto")
-_KNOWN = ("minmax", "moving_average", "sigma") + _SAMPLED
 # The ranges ``auto`` chooses from, per layer: (observer, its setting).
 AUTO_CANDIDATES = (("minmax", {}), ("percentile", {"p": 99.9}), ("percentile", {"p": 99.99}),
                    ("percentile", {"p": 99.999}), ("mse", {}), ("kl", {}))
@@ -44,9 +42,30 @@ CLIP_WARN_RATIO = 2.0
 TOKEN_ROWS = 1024
 
 
+class Moments:
+    """Running count, mean and M2 (sum of squared deviations) of a stream, merged batch by batch with
+    Chan et al.'s pairwise formula in float64 (no cancellation, unlike sum(x^2) - n*mean^2)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, n: int, mean: float, m2: float) -> None:
+        """Merge a batch of ``n`` values with mean ``mean`` and M2 ``m2``."""
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation of everything added."""
+        return math.sqrt(max(self.m2, 0.0) / self.count)
+
+
 def _check_observer(name: str) -> None:
-    if name not in _KNOWN:
-        raise ValueError(f"unknown observer {name!r}; choose one of {list(_KNOWN)}")
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown observer {name!r}; choose one of {list(OBSERVERS)}")
 
 
 def _clip(lo: Tensor, hi: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,15 +193,30 @@ def _kl_range(x: Tensor, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Te
     return _clip(-threshold, threshold, mn, mx)
 
 
-def _estimate(x: Tensor, cfg: Any, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
-    """Row-wise range of ``x`` [rows, cols] for the sample-based observers, bounded by ``[mn, mx]``."""
-    if cfg.observer == "percentile":
-        return _percentile_range(x, float(cfg.p), mn, mx)
-    if cfg.observer == "iqr":
-        return _iqr_range(x, float(cfg.k), mn, mx)
-    if cfg.observer == "mse":
-        return _mse_range(x, grid, mn, mx)
-    return _kl_range(x, grid, mn, mx)
+def _minmax_rows(x: Tensor, cfg: Any, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    return mn, mx
+
+
+def _sigma_rows(x: Tensor, cfg: Any, grid: Grid, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(x, dim=1, correction=0)
+    return _sigma_range(mean, var.sqrt(), float(cfg.n), mn, mx)
+
+
+# Observer name -> the range of each row of x [rows, cols] within the rows' [mn, mx], given the observer's
+# settings (cfg.p, .n, .k) and the target grid: a weight's rows, or the subsample an ActivationObserver
+# keeps. A new observer is one such function and one entry. ``moving_average`` has no batches to average
+# over for weights and equals min-max; activations keep streaming statistics for it, min-max and sigma.
+ROW_RANGES: dict[str, Callable[[Tensor, Any, Grid, Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+    "minmax": _minmax_rows,
+    "moving_average": _minmax_rows,
+    "percentile": lambda x, cfg, grid, mn, mx: _percentile_range(x, float(cfg.p), mn, mx),
+    "mse": lambda x, cfg, grid, mn, mx: _mse_range(x, grid, mn, mx),
+    "kl": lambda x, cfg, grid, mn, mx: _kl_range(x, grid, mn, mx),
+    "sigma": _sigma_rows,
+    "iqr": lambda x, cfg, grid, mn, mx: _iqr_range(x, float(cfg.k), mn, mx),
+}
+# Every observer qsweep.config accepts: auto picks, per activation, the best of AUTO_CANDIDATES.
+OBSERVERS = (*ROW_RANGES, "auto")
 
 
 @torch.no_grad()
@@ -209,12 +243,7 @@ def weight_range(x2d: Tensor, cfg: Any, grid: Grid) -> tuple[Tensor, Tensor]:
     x = x2d.detach().float()
     mn, mx = torch.aminmax(x, dim=1)
     _raise_if_not_finite(mn, mx, "weight")
-    if cfg.observer in ("minmax", "moving_average"):
-        return mn, mx
-    if cfg.observer == "sigma":
-        var, mean = torch.var_mean(x, dim=1, correction=0)
-        return _sigma_range(mean, var.sqrt(), float(cfg.n), mn, mx)
-    return _estimate(x, cfg, grid, mn, mx)
+    return ROW_RANGES[cfg.observer](x, cfg, grid, mn, mx)
 
 
 def _raise_if_not_finite(mn: Tensor, mx: Tensor, what: str) -> None:
@@ -282,11 +311,7 @@ class ActivationObserver:
         self._max: Tensor | None = None
         self._ema_min: Tensor | None = None
         self._ema_max: Tensor | None = None
-        # Running (count, mean, M2) over all elements, merged per batch with Chan et al.'s
-        # pairwise formula in float64.
-        self._count = 0
-        self._mean = 0.0
-        self._m2 = 0.0
+        self._moments = Moments()  # sigma: over all elements seen
         # Every element seen is kept with probability ~1 / _stride; the stride doubles (and the
         # stored values are thinned by half) whenever the store would exceed max_samples.
         self._stride = 1
@@ -317,10 +342,9 @@ class ActivationObserver:
             m = float(self.cfg.momentum)
             self._ema_min = m * self._ema_min + (1.0 - m) * bmin
             self._ema_max = m * self._ema_max + (1.0 - m) * bmax
-        if self.cfg.observer == "sigma":
-            self._update_moments(x, bmin, bmax)
-        elif self.cfg.observer in _SAMPLED:
-            self._update_sample(x.reshape(-1))
+        add, _ = self._STREAMED.get(self.cfg.observer, (ActivationObserver._update_sample, None))
+        if add is not None:
+            add(self, x, bmin, bmax)
         if self._tokens is not None:
             self._tokens.update(x.reshape(-1, x.shape[-1]))
 
@@ -331,14 +355,10 @@ class ActivationObserver:
         d = x.float() - center
         n_b = x.numel()
         s, ss = float(d.sum()), float(d.square().sum())
-        mean_b, m2_b = float(center) + s / n_b, max(ss - s * s / n_b, 0.0)
-        n = self._count + n_b
-        delta = mean_b - self._mean
-        self._mean += delta * n_b / n
-        self._m2 += m2_b + delta * delta * self._count * n_b / n
-        self._count = n
+        self._moments.add(n_b, float(center) + s / n_b, max(ss - s * s / n_b, 0.0))
 
-    def _update_sample(self, flat: Tensor) -> None:
+    def _update_sample(self, x: Tensor, bmin: Tensor, bmax: Tensor) -> None:
+        flat = x.reshape(-1)
         n = flat.numel()
         while self._stored + n // self._stride > self.max_samples:
             self._stride *= 2
@@ -395,22 +415,33 @@ class ActivationObserver:
         return lo, hi
 
     def _range_of(self, cfg: Any) -> tuple[Tensor, Tensor]:
+        _, range_of = self._STREAMED.get(cfg.observer, (None, ActivationObserver._sampled))
+        return range_of(self, cfg)
+
+    def _sampled(self, cfg: Any) -> tuple[Tensor, Tensor]:
         mn, mx = self._min, self._max
-        observer = cfg.observer
-        if observer == "minmax":
-            return mn, mx
-        if observer == "moving_average":
-            return _clip(self._ema_min, self._ema_max, mn, mx)
-        if observer == "sigma":
-            std = math.sqrt(max(self._m2, 0.0) / self._count)
-            mean, std = (torch.tensor(v, dtype=torch.float32, device=mn.device) for v in (self._mean, std))
-            return _sigma_range(mean, std, float(cfg.n), mn, mx)
         if not self._stored:
             # Only with a tiny max_samples or tiny batches: no run was drawn.
             return mn, mx
         sample = torch.cat(self._samples)[None, :]
-        lo, hi = _estimate(sample, cfg, self.grid, mn.reshape(1), mx.reshape(1))
+        lo, hi = ROW_RANGES[cfg.observer](sample, cfg, self.grid, mn.reshape(1), mx.reshape(1))
         return lo[0], hi[0]
+
+    def _minmax(self, cfg: Any) -> tuple[Tensor, Tensor]:
+        return self._min, self._max
+
+    def _moving_average(self, cfg: Any) -> tuple[Tensor, Tensor]:
+        return _clip(self._ema_min, self._ema_max, self._min, self._max)
+
+    def _sigma(self, cfg: Any) -> tuple[Tensor, Tensor]:
+        m = self._moments
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=self._min.device) for v in (m.mean, m.std))
+        return _sigma_range(mean, std, float(cfg.n), self._min, self._max)
+
+    # Observers on streaming statistics: name -> (what a batch adds besides the min/max and their EMA,
+    # kept for all; the range). The others keep a subsample and run their ROW_RANGES entry on it.
+    _STREAMED = {"minmax": (None, _minmax), "moving_average": (None, _moving_average),
+                 "sigma": (_update_moments, _sigma)}
 
     def _scorer(self, consumer: Tensor | None):
         """``(lo, hi) -> error`` on the token rows (through ``consumer`` when it fits), else on the values."""

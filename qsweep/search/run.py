@@ -72,19 +72,17 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
         work(study, worker, has_heartbeat(storage))
         return _summarize(cfg, study, space, models, job, score_of, parent, output_dir, name)
     except BaseException as exc:  # Ctrl-C, SIGTERM, an error: the study's run is not left RUNNING
-        if parent is not None:
-            stop_parent(study, parent, exc)
+        stop_parent(study, parent, exc)
         raise
     finally:
-        if parent is not None:
-            close_stale_runs(study, parent)
+        close_stale_runs(study, parent)
 
 
 def _parent_recorder(cfg: DictConfig, study: optuna.Study, created: bool, name: str, project_dir: Path,
-                     sweep: str | None) -> Recorder | None:
+                     sweep: str | None) -> Recorder | NullRecorder:
     """The study's MLflow run: made by the worker that created the study, joined (by its id) by the others."""
     if not cfg.tracking.enabled:
-        return None
+        return NullRecorder()
     rec = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, project_dir)
     run_id = None if created else wait_for_attr(study, "mlflow_parent_run_id", timeout_s=60)
     if run_id is not None:
@@ -135,7 +133,7 @@ def first_images(loader: DataLoader, limit: int) -> DataLoader:
 
 
 def _summarize(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models: LayoutModels, job,
-               score_of, parent: Recorder | None, out: Path, name: str) -> dict[str, Any]:
+               score_of, parent: Recorder | NullRecorder, out: Path, name: str) -> dict[str, Any]:
     """Tables and plots of the study; once it is complete, the top layouts on the whole test set and the best run."""
     s = cfg.search
     rows = trial_rows(study, space)
@@ -162,12 +160,10 @@ def _summarize(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models:
     print("top layouts on the whole test set\n" + format_table(
         [(f"trial {r['trial']}", f"score {r['full_score']:g} (trial {r['score']:g}), top-1 {r['full_top1']:.2f} %, "
                                  f"{r['size_mb']:.4f} MB") for r in finals]), flush=True)
-    if parent is not None:
-        _log_study(parent, best, n, job, files)
+    _log_study(parent, best, n, job, files)
     if cfg.export.enabled:
         result["best_run"] = _best_run(cfg, layers, name, out, parent)
-    if parent is not None:
-        parent.close_parent(parent.run_id)
+    parent.close_parent()
     write_text(out / "search.json", json.dumps(result, indent=2, default=str))
     return result
 
@@ -207,7 +203,7 @@ def _write_best_experiment(cfg: DictConfig, best: dict, layers: dict, job, out: 
     return yaml_path
 
 
-def _log_study(parent: Recorder, best: dict, n: dict, job, files: list[Path]) -> None:
+def _log_study(parent: Recorder | NullRecorder, best: dict, n: dict, job, files: list[Path]) -> None:
     parent.log_metrics({"best_score": best["full_score"], "best_top1": best["full_top1"],
                         "best_size_mb": best["size_mb"], "best_trial": best["trial"],
                         "trials_complete": n[TrialState.COMPLETE], "trials_pruned": n[TrialState.PRUNED],
@@ -217,14 +213,14 @@ def _log_study(parent: Recorder, best: dict, n: dict, job, files: list[Path]) ->
         parent.log_artifact(path)
 
 
-def _best_run(cfg: DictConfig, layers: dict, name: str, out: Path, parent: Recorder | None) -> dict[str, Any]:
+def _best_run(cfg: DictConfig, layers: dict, name: str, out: Path, parent: Recorder | NullRecorder) -> dict[str, Any]:
     """The best layout as an ordinary exported run, nested under the study's run."""
     best_cfg = OmegaConf.merge(cfg, OmegaConf.create({
         "mode": "run", "name": f"{name}_best", "quant": {"name": f"{name}_best"},
         "tracking": {"run_name": f"study:{name}:best"},
     }))
     best_cfg.quant.layers = layers
-    return run(best_cfg, out / "best", parent_run_id=parent.run_id if parent else None)
+    return run(best_cfg, out / "best", parent_run_id=parent.run_id)
 
 
 def _reevaluate(cfg: DictConfig, rows: list[dict[str, Any]], space: SearchSpace, models: LayoutModels, job,

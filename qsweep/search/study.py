@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
-from qsweep.config import quant_recipe
+from qsweep.config import compose_shipped, quant_recipe
 from qsweep.errors import QsweepError
 from qsweep.files import atomic_write
 from qsweep.quant.plan import resolve_plan
@@ -75,7 +75,7 @@ class Worker:
     score_of: Callable[[float, float], float]
     backend: str
     device: Any
-    parent: Recorder | None
+    parent: Recorder | NullRecorder
     tags: dict[str, str]
 
     def objective(self, trial: optuna.Trial):
@@ -108,13 +108,12 @@ class Worker:
 
     def _trial_recorder(self, trial: optuna.Trial, layout: dict) -> Recorder | NullRecorder:
         """The trial's MLflow run, nested under the study's, with its layout as params."""
-        if self.parent is None:
-            return NullRecorder()
         rec = self.parent.fork()
         rec.start(f"{trial.study.study_name}:trial {trial.number}",
                   {**self.tags, "qsweep.kind": "trial", "optuna.trial": str(trial.number)},
                   parent_run_id=self.parent.run_id)
-        trial.set_user_attr("mlflow_run_id", rec.run_id)
+        if rec.run_id is not None:  # tracked: the trial names its run (a retry's run says so)
+            trial.set_user_attr("mlflow_run_id", rec.run_id)
         rec.log_params({f"layout.{k}": v for k, v in flatten(layout).items()})
         return rec
 
@@ -293,7 +292,7 @@ def run_trial(study: optuna.Study, worker: Worker, trial: optuna.Trial, heartbea
     return study.tell(trial, state=state, skip_if_finished=True)
 
 
-def requeue(study: optuna.Study, trial_id: int, exc: BaseException, parent: Recorder | None) -> None:
+def requeue(study: optuna.Study, trial_id: int, exc: BaseException, parent: Recorder | NullRecorder) -> None:
     """Fail a trial this worker was stopped in and queue it to run again; its MLflow run says so.
 
     Being stopped is not the layout's fault: unlike a dead worker's trial, this one is retried
@@ -307,7 +306,7 @@ def requeue(study: optuna.Study, trial_id: int, exc: BaseException, parent: Reco
     study._storage.set_trial_user_attr(trial_id, "error", reason)
     study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if parent is not None and run_id is not None:
+    if run_id is not None:
         rec = parent.fork()
         rec.attach(run_id)
         rec.set_tags({"retried_as": str(retry)})
@@ -323,16 +322,16 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> int:
     return study._storage.get_trial_number_from_id(study._storage.create_new_trial(study._study_id, copy))
 
 
-def stop_parent(study: optuna.Study, parent: Recorder, exc: BaseException) -> None:
+def stop_parent(study: optuna.Study, parent: Recorder | NullRecorder, exc: BaseException) -> None:
     """This worker stops early: unless other workers still run trials, the study's run is no longer RUNNING.
 
     KILLED when interrupted, FAILED on an error; a worker that joins later sets it RUNNING again.
     """
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        parent.client.set_terminated(parent.run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+        parent.close_parent("FAILED" if isinstance(exc, Exception) else "KILLED")
 
 
-def close_stale_runs(study: optuna.Study, parent: Recorder) -> None:
+def close_stale_runs(study: optuna.Study, parent: Recorder | NullRecorder) -> None:
     """The MLflow run of a trial whose worker died says so, and whether (as which trial) it was retried.
 
     Such a run is still RUNNING, or KILLED by a later run's check for dead processes, which cannot
@@ -344,8 +343,8 @@ def close_stale_runs(study: optuna.Study, parent: Recorder) -> None:
         run_id = t.user_attrs.get("mlflow_run_id")
         if t.state != TrialState.FAIL or run_id is None:
             continue
-        run = parent.client.get_run(run_id)
-        if run.info.status not in ("RUNNING", "KILLED") or "retried_as" in run.data.tags:
+        run = parent.get_run(run_id)  # None: this worker records nothing (tracking.enabled=false)
+        if run is None or run.info.status not in ("RUNNING", "KILLED") or "retried_as" in run.data.tags:
             continue
         retry = retried_as.get(t.number)
         rec = parent.fork()
@@ -379,16 +378,38 @@ def write_trials_csv(rows: list[dict[str, Any]], space: SearchSpace, path: Path)
     return atomic_write(path, write)
 
 
+# What a run of the best layout takes from the study's config (not its search, tracking or mode).
+BEST_RUN_KEYS = ("model", "data", "quant", "score", "export", "eval", "adaround", "lsq", "seed")
+
+
 def best_experiment_yaml(cfg: DictConfig, layers: dict[str, Any], name: str, header: list[str]) -> str:
-    """A ``conf/experiment`` overlay that reproduces the layout as an ordinary run."""
+    """A ``conf/experiment`` overlay that reproduces the layout as an ordinary run.
+
+    It selects the study's dataset (its schema) and states only what differs from that: the name,
+    ``quant.layers`` and whatever the study's experiment and command line changed.
+    """
+    defaults = [{"override /data": cfg.data.name}, "_self_"]
+    base = OmegaConf.to_container(compose_shipped([f"data={cfg.data.name}"]), resolve=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    keep = ("model", "data", "quant", "score", "export", "eval", "adaround", "lsq", "seed")
-    doc = {k: plain[k] for k in keep}
-    doc["quant"]["layers"] = layers
-    doc["quant"]["name"] = name
-    doc.update(name=name, mode="run")
+    run = {k: plain[k] for k in BEST_RUN_KEYS}
+    run["quant"] = {**run["quant"], "name": name, "layers": layers}
+    doc = {"defaults": defaults, "name": name, **_changes(run, base)}
     lines = ["# @package _global_", *(f"# {line}" for line in header)]
     return "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(doc))
+
+
+def _changes(new: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``new`` whose values differ from ``base``'s, nested mappings compared key by key."""
+    out = {}
+    for key, value in new.items():
+        old = base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            value = _changes(value, old)
+            if value:
+                out[key] = value
+        elif key not in base or value != old:
+            out[key] = value
+    return out
 
 
 def score_function(cfg: DictConfig, fp_size_mb: float, fp_top1: float) -> Callable[[float, float], float]:
