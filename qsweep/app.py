@@ -124,8 +124,9 @@ def _evaluate_quantized(ctx: RunContext, job: Prepared, qmodel: torch.nn.Module,
     if backend == "auto":
         backend = cfg.export.kernels if cfg.export.enabled else "int"
     rec.set_tags({"eval_backend": backend, "export_kernels": cfg.export.kernels})
-    if timings.post_ln_skipped:
-        rec.set_tags({"post_ln_skipped": "; ".join(f"{k}: {v}" for k, v in timings.post_ln_skipped.items())})
+    for tag, skipped in (("post_ln_skipped", timings.post_ln_skipped), ("attn_skipped", timings.attn_skipped)):
+        if skipped:
+            rec.set_tags({tag: "; ".join(f"{k}: {v}" for k, v in skipped.items())})
     fallbacks: dict[str, str] = {}
     runner = qmodel
     if backend == "int":

@@ -19,7 +19,7 @@ from qsweep.quant.plan import resolve_plan
 from qsweep.quant.quantizer import ActQuantizer, CalibrationError
 from qsweep.quant.rotate import rotate_linears
 from qsweep.quant.smooth import smooth_linears
-from qsweep.quant.vit import apply_vit
+from qsweep.quant.vit import quantize_attentions, rewrite_post_ln
 
 
 @dataclass
@@ -30,6 +30,8 @@ class QuantizeTimings:
     reconstruct: dict[str, Any] = field(default_factory=dict)  # their statistics: {"gptq": ..., "lsq": ...}
     folded_bn: list[str] = field(default_factory=list)
     post_ln_skipped: dict[str, str] = field(default_factory=dict)  # quant.vit.post_ln: LayerNorm -> why not folded
+    # quant.vit.attn_matmul / quant.intops: attention layer -> why its matmuls or softmax were left alone
+    attn_skipped: dict[str, str] = field(default_factory=dict)
     smooth: dict[str, Any] = field(default_factory=dict)  # quant.smooth: the alpha chosen per layer
 
 
@@ -44,7 +46,8 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
     quantized here, once. The ViT and integer-op modules are installed before the swap and keep every
     module name the plan uses. ``smoothing``: per-layer scales chosen before (see
     :func:`qsweep.quant.smooth.input_divisors`) instead of searching them. ``report`` receives the
-    folded BatchNorm names, the LayerNorms ``post_ln`` left alone and the ``alpha`` chosen per smoothed layer.
+    folded BatchNorm names, the LayerNorms ``post_ln`` left alone, the attention layers ``vit.attn_matmul`` /
+    ``intops`` cannot reach and the ``alpha`` chosen per smoothed layer.
     """
     report = report if report is not None else QuantizeTimings()
     recipe = quant_recipe(recipe)
@@ -58,8 +61,8 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
             call_model(model, to_device(batch, device))
 
     folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
-    report.post_ln_skipped = apply_vit(model, recipe, run)
-    apply_intops(model, recipe)
+    report.post_ln_skipped = rewrite_post_ln(model, recipe, run)
+    report.attn_skipped = {**quantize_attentions(model, recipe, run), **apply_intops(model, recipe, run)}
     plans = resolve_plan(model, recipe)
     alphas = smooth_linears(model, plans, recipe, run, smoothing) if recipe.smooth.enabled else {}
     if recipe.rotate.enabled:

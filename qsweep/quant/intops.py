@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from qsweep.config import ConfigError, TensorQuantConfig
 from qsweep.quant.grid import quantize
 from qsweep.quant.quantizer import ActQuantizer
-from qsweep.quant.vit import QuantAttention, act_config, wrap_attention
+from qsweep.quant.vit import act_config, attention_sites, log_skipped
 
 __all__ = ["IntBlock", "IntGELU", "IntLayerNorm", "IntSoftmax", "apply_intops", "dyadic", "int_codes", "isqrt",
            "shift_exp2"]
@@ -106,23 +106,34 @@ def _signed(bits: int, base: TensorQuantConfig | None = None) -> TensorQuantConf
 class IntSoftmax(nn.Module):
     """Shiftmax over the last dim: INT8 in, Q15 exponentials, UINT8 out (scale ``2^-8``).
 
-    Masked (``-inf``) scores clamp to the lowest INT8 code and keep a tiny weight, as in I-ViT.
+    Masked (``-inf``) scores clamp to the lowest INT8 code and keep a tiny weight, as in I-ViT, unless
+    ``mask`` (True: masked out, broadcast to the scores) names them: then calibration does not see them
+    and their exponentials are zero.
     """
+
+    accepts_mask = True  # HFAttentionQuant passes the masked-out positions of its additive mask
 
     def __init__(self, cfg: TensorQuantConfig, name: str = ""):
         super().__init__()
         self.inq = ActQuantizer(cfg, -1, f"{name}.softmax_in")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if _observing(self.inq):
-            return self.inq(x).softmax(dim=-1)
+            if mask is None:
+                return self.inq(x).softmax(dim=-1)
+            self.inq(x.masked_select(~mask))  # the range of the scores that count
+            return x.softmax(dim=-1)
         i = int_codes(x, self.inq)
         span = self.inq.grid.qmax - self.inq.grid.qmin
         # exp of every possible code difference -span..0 once, then gathered: same integers, far fewer passes.
         d = torch.arange(-span, 1, device=i.device)
         table = shift_exp2(rshift_round(d * dyadic(self.inq.scale * LOG2E, EXP_FRAC + MUL_SHIFT), MUL_SHIFT))
         e = table[i - i.amax(dim=-1, keepdim=True) + span]
-        inv = (1 << DIV_BITS) // e.sum(dim=-1, keepdim=True)  # the row maximum gives e = 2^15: sum >= 2^15
+        total = e.sum(dim=-1, keepdim=True)  # the row maximum gives e = 2^15: sum >= 2^15
+        if mask is not None:  # masked codes sit at the bottom of the grid: the maximum is unmasked unless all are
+            e = e.masked_fill(mask, 0)
+            total = e.sum(dim=-1, keepdim=True).clamp_min(1)
+        inv = (1 << DIV_BITS) // total
         p = rshift_round(e * inv, DIV_BITS - SOFTMAX_OUT_BITS).clamp_max((1 << SOFTMAX_OUT_BITS) - 1)
         return p.to(x.dtype) * 2.0**-SOFTMAX_OUT_BITS
 
@@ -212,20 +223,29 @@ class IntBlock(nn.Module):
         return self.res2(x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
-def apply_intops(model: nn.Module, recipe: Any) -> None:
-    """``quant.intops=ivit``: integer Softmax (in every timm attention), GELU, LayerNorm and residual stream.
+def _is_gelu(module: nn.Module) -> bool:
+    """``nn.GELU``, or transformers' ``GELUActivation`` (``hidden_act="gelu"``: erf GELU, as F.gelu)."""
+    cls = type(module)
+    return isinstance(module, nn.GELU) or (cls.__name__ == "GELUActivation"
+                                           and cls.__module__.startswith("transformers."))
 
-    Call before the planned Linear layers are swapped (module names stay the same) or after.
+
+def apply_intops(model: nn.Module, recipe: Any, run: Callable[..., Any] | None = None) -> dict[str, str]:
+    """``quant.intops=ivit``: integer Softmax (in every attention), GELU, LayerNorm and residual stream.
+
+    Call before the planned Linear layers are swapped (module names stay the same) or after. ``run(1)``
+    feeds one calibration batch: it finds Hugging Face attention (:func:`qsweep.quant.vit.attention_sites`).
+    Returns the attention layers whose softmax it cannot reach, ``{name: reason}`` (also logged).
     """
     if recipe.intops == "off":
-        return
-    has_attn = any(isinstance(m, (Attention, QuantAttention)) for m in model.modules())
-    if not has_attn and not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
-        raise ConfigError(f"quant.intops={recipe.intops!r} needs a transformer with nn.LayerNorm or timm Attention "
+        return {}
+    sites, skipped = attention_sites(model, run)
+    if not sites and not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        raise ConfigError(f"quant.intops={recipe.intops!r} needs a transformer with nn.LayerNorm or attention "
                           f"(integer Softmax / GELU / LayerNorm); {type(model).__name__} has neither. "
                           "Use quant.intops=off")
     act = act_config(recipe)
-    for name, attn in wrap_attention(model).items():
+    for name, attn in sites.items():
         attn.softmax = IntSoftmax(_signed(SOFTMAX_IN_BITS, act), name)
     out_cfg = replace(act, bits=LN_OUT_BITS)
     for name, module in list(model.named_modules()):
@@ -234,5 +254,7 @@ def apply_intops(model: nn.Module, recipe: Any) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.LayerNorm):
             model.set_submodule(name, IntLayerNorm(module, out_cfg, name))
-        elif isinstance(module, nn.GELU):
+        elif _is_gelu(module):
             model.set_submodule(name, IntGELU(_signed(GELU_BITS, act), name))
+    log_skipped(f"quant.intops={recipe.intops}", skipped)
+    return skipped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import nn
 from qsweep.config import ConfigError, TensorQuantConfig
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ def _apply_override(weight: TensorQuantConfig | None, act: TensorQuantConfig | N
     return weight, act
 
 
+def unreached_linears(model: nn.Module) -> dict[str, str]:
+    """Linears that are never called, so a quantized copy would never run: ``{name: why}``."""
+    return {f"{name}.out_proj".lstrip("."): "nn.MultiheadAttention reads out_proj.weight directly in its fused "
+            "path and never calls the module" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     """Map every quantizable module name to its :class:`LayerPlan`.
 
@@ -80,9 +88,12 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
         if not any(matches(n, pattern) for n in candidates):
             raise _unmatched("quant.layers", pattern, candidates, all_names)
 
+    unreached = unreached_linears(model)
+    for name, why in unreached.items():
+        log.warning("left %s in float: %s", name, why)
     plan: dict[str, LayerPlan] = {}
     for name in candidates:
-        if any(matches(name, p) for p in skips):
+        if name in unreached or any(matches(name, p) for p in skips):
             continue
         weight: TensorQuantConfig | None = base_w
         act: TensorQuantConfig | None = base_a if base_a.bits is not None else None

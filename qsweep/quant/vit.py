@@ -1,8 +1,12 @@
 """ViT-aware quantization of vision transformers (``quant.vit``).
 
-* ``attn_matmul``: every timm ``Attention`` becomes a :class:`QuantAttention` that fake-quantizes
-  q, k, v (``attn_bits``) and the softmax output (``softmax_bits``, uniform or :class:`Log2Quantizer`),
-  so both attention matmuls run on integer grids, not only the Linear layers.
+* ``attn_matmul``: every attention fake-quantizes q, k, v (``attn_bits``) and the softmax output
+  (``softmax_bits``, uniform or :class:`Log2Quantizer`), so both attention matmuls run on integer grids,
+  not only the Linear layers. A timm ``Attention`` becomes a :class:`QuantAttention`; a Hugging Face
+  ``transformers`` attention (ViT, DeiT, BERT, ...), found by structure as the module its model's attention
+  function is called with, gets a :class:`qsweep.quant.hfattn.HFAttentionQuant` child. An attention whose
+  matmuls and softmax no module exposes (``nn.MultiheadAttention``, as in torchvision's ViT) is named, with
+  the reason, in the returned ``{name: reason}`` and a warning (:func:`attention_sites`).
 * ``post_ln``: the pre-norm LayerNorm -> Linear pairs (timm ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1``;
   HF ViT/DeiT ``layernorm_before -> q/k/v_proj``, ...) are found by structure on one calibration batch
   (a Linear whose input is the LayerNorm's output tensor) and rewritten in float, before the weights
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -30,9 +35,9 @@ from torch import nn
 from qsweep.config import ConfigError, TensorQuantConfig
 from qsweep.quant.quantizer import ActQuantizer
 
-__all__ = ["Log2Quantizer", "QuantAttention", "act_config", "apply_vit", "channel_ranges", "fold_checked",
-           "model_output", "pre_norm_pairs", "quantize_attention", "relative_error", "reparam_divisor",
-           "smooth_divisor", "wrap_attention"]
+__all__ = ["Log2Quantizer", "QuantAttention", "act_config", "apply_vit", "attention_sites", "channel_ranges",
+           "fold_checked", "log_skipped", "model_output", "pre_norm_pairs", "quantize_attention", "quantize_attentions",
+           "relative_error", "reparam_divisor", "rewrite_post_ln", "smooth_divisor", "wrap_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ _SMOOTH_FLOOR = 1e-5
 # A fold is kept when the model output on a calibration batch moves by at most this relative error:
 # exact folds move it by float rounding (~1e-7 measured), a fold into a post-norm residual by O(1).
 FOLD_RTOL = 1e-4
+FUSED_MHA = ("nn.MultiheadAttention: q k^T, the softmax and p v run inside F.multi_head_attention_forward (the "
+             "fused scaled_dot_product_attention when called with need_weights=False, as torchvision's ViT does); "
+             "no module exposes q, k, v or the probabilities to quantize")
 
 
 def act_config(recipe: Any) -> TensorQuantConfig:
@@ -143,8 +151,39 @@ def wrap_attention(model: nn.Module) -> dict[str, QuantAttention]:
     return found
 
 
-def quantize_attention(attn: QuantAttention, recipe: Any, name: str) -> None:
-    """Give ``attn`` static per-tensor quantizers for q, k, v and the softmax output (calibrated later)."""
+def attention_sites(model: nn.Module, run: Callable[..., Any] | None = None
+                    ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The attentions whose matmuls and softmax qsweep reaches, and ``{name: why not}`` for the others.
+
+    Each found attention is a module with ``q_quant``, ``k_quant``, ``v_quant``, ``softmax_quant`` (None until
+    :func:`quantize_attention`) and a ``softmax`` submodule, installed here if needed: timm ``Attention``
+    becomes a :class:`QuantAttention` (found without running); a Hugging Face ``transformers`` attention gets
+    an :class:`~qsweep.quant.hfattn.HFAttentionQuant`, found by running one calibration batch (``run(1)``)
+    through a registered attention function (:func:`qsweep.quant.hfattn.wrap_hf_attention`). Keys are the
+    attention modules' names, in module order within each kind.
+    """
+    found: dict[str, nn.Module] = dict(wrap_attention(model))
+    skipped: dict[str, str] = {}
+    if sys.modules.get("transformers") is not None:  # no HF model exists before transformers is imported (optional)
+        from qsweep.quant.hfattn import wrap_hf_attention
+
+        hf_found, skipped = wrap_hf_attention(model, run)
+        found.update(hf_found)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            skipped[name] = FUSED_MHA
+    return found, skipped
+
+
+def log_skipped(option: str, skipped: Mapping[str, str]) -> None:
+    """One warning per attention layer ``option`` left alone."""
+    for name, reason in skipped.items():
+        log.warning("%s: left attention %s alone: %s", option, name, reason)
+
+
+def quantize_attention(attn: nn.Module, recipe: Any, name: str) -> None:
+    """Give ``attn`` (:class:`QuantAttention` or ``HFAttentionQuant``) static per-tensor quantizers for q, k, v
+    and the softmax output (calibrated later)."""
     vit = recipe.vit
     qkv_cfg = replace(act_config(recipe), bits=int(vit.attn_bits))
     attn.q_quant = ActQuantizer(qkv_cfg, -1, f"{name}.q")
@@ -355,19 +394,36 @@ def apply_vit(model: nn.Module, recipe: Any, run: Callable[..., Any]) -> dict[st
     """Apply ``recipe.vit`` to a float model: ``post_ln`` rewrite (statistics from ``run``), then attention.
 
     ``run(limit=None)`` feeds the first ``limit`` calibration batches (all with None) to the model. Call
-    before the weights are quantized. Everything off: the model is not touched. Returns the LayerNorms
-    ``post_ln`` left alone, ``{name: reason}`` (also logged).
+    before the weights are quantized. Everything off: the model is not touched. Returns what it left
+    alone, ``{name: reason}`` (also logged): the LayerNorms ``post_ln`` did not fold
+    (:func:`rewrite_post_ln`) and the attention layers ``attn_matmul`` cannot reach (:func:`quantize_attentions`).
     """
+    return {**rewrite_post_ln(model, recipe, run), **quantize_attentions(model, recipe, run)}
+
+
+def rewrite_post_ln(model: nn.Module, recipe: Any, run: Callable[..., Any]) -> dict[str, str]:
+    """``recipe.vit.post_ln``: the LayerNorms left alone, ``{name: reason}`` (also logged)."""
     vit = recipe.vit
-    skipped: dict[str, str] = {}
-    if vit.post_ln != "off":
-        skipped = _post_ln(model, vit, run)
-    if vit.attn_matmul:
-        if not any(isinstance(m, (Attention, QuantAttention)) for m in model.modules()):
-            raise ConfigError(f"quant.vit.attn_matmul=True needs timm Attention modules (timm.layers.Attention); "
-                              f"{type(model).__name__} has none. Use quant.vit.attn_matmul=false")
-        for name, attn in wrap_attention(model).items():
-            quantize_attention(attn, recipe, name)
+    return _post_ln(model, vit, run) if vit.post_ln != "off" else {}
+
+
+def quantize_attentions(model: nn.Module, recipe: Any, run: Callable[..., Any] | None) -> dict[str, str]:
+    """``recipe.vit.attn_matmul``: quantizers on every attention :func:`attention_sites` finds.
+
+    Returns the attention layers left alone, ``{name: reason}`` (also logged); raises ConfigError when
+    there is no attention it can quantize.
+    """
+    if not recipe.vit.attn_matmul:
+        return {}
+    found, skipped = attention_sites(model, run)
+    if not found:
+        why = ("; ".join(f"{name}: {reason}" for name, reason in skipped.items()) if skipped else
+               "it has no timm Attention (timm.layers.Attention) nor Hugging Face transformers attention")
+        raise ConfigError(f"quant.vit.attn_matmul=True found no attention it can quantize in {type(model).__name__}: "
+                          f"{why}. Use quant.vit.attn_matmul=false")
+    for name, attn in found.items():
+        quantize_attention(attn, recipe, name)
+    log_skipped("quant.vit.attn_matmul", skipped)
     return skipped
 
 
