@@ -84,6 +84,21 @@ def test_the_artifact_stores_no_rotation(model):
     assert all(plain[k].shape == rotated[k].shape for k in plain)
 
 
+@pytest.mark.parametrize("kernels", ["fake", "int"])
+def test_the_exported_program_holds_no_rotation_matrix(model, tmp_path, kernels):
+    batches = make_batches()
+
+    def stored(recipe, name):
+        q = qsweep.quantize(model, recipe, batches)
+        with torch.no_grad():
+            q(batches[0])  # eager runs cache the matrix; the traced program must build its own
+            program = torch.export.load(export_program(q, batches[1], tmp_path / name, kernels=kernels))
+        tensors = {**program.state_dict, **program.constants}
+        return sorted((k, tuple(t.shape)) for k, t in tensors.items() if isinstance(t, torch.Tensor))
+
+    assert stored({**W4A8, "rotate": ROTATE}, "rotated.pt2") == stored(W4A8, "plain.pt2")
+
+
 def test_gptq_and_adaround_round_the_rotated_weight(model):
     batches = make_batches()
     recipe = {**W4A8, "rotate": ROTATE}

@@ -6,7 +6,8 @@
 Quantizes ``deit3_small_patch16_224`` (100 classes) W4A8 (per-channel symmetric weights, per-tensor
 affine activations) with nearest rounding and with GPTQ over all 48 block Linears, the patch
 embedding conv and the head, and prints the stages of :func:`qsweep.quantize` for each: weight
-quantization, activation calibration, and GPTQ's Hessian collection and rounding.
+quantization, activation calibration, and GPTQ's Hessian collection and rounding. The last row is
+the shipped ``conf/quant/w4a8`` recipe (MSE weight ranges, Hadamard rotation, GPTQ) as a user runs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     import timm
 
     import qsweep
+    from qsweep.config import shipped_recipe
     from qsweep.quant.calibrate import QuantizeTimings
 
     torch.set_num_threads(args.threads)
@@ -46,7 +48,9 @@ def main() -> None:
           f"{args.threads} threads, sequential={gptq['sequential']}")
     print(f"{'rounding':9} {'total s':>8} {'weights s':>9} {'calib s':>8} {'gptq s':>7} {'hessian s':>9} "
           f"{'round s':>8} {'layers':>6} {'skipped':>7} {'err reduction':>13}")
-    for name, r in (("nearest", recipe), ("gptq", {**recipe, "gptq": gptq})):
+    shipped = shipped_recipe("w4a8")
+    shipped.gptq.num_samples = args.num_samples
+    for name, r in (("nearest", recipe), ("gptq", {**recipe, "gptq": gptq}), ("w4a8", shipped)):
         t = QuantizeTimings()
         start = time.perf_counter()
         qsweep.quantize(model, r, batches, timings=t)

@@ -78,9 +78,8 @@ def width_label(w: int, a: int | None, group: int | None = None) -> str:
 
 WIDTHS = [(8, 8, None), (6, 6, None), (4, 8, None), (4, 8, 64), (3, 8, 64), (4, 4, None)]
 SHIPPED = ["w8a8", "w4a8", "w4a4", "w3a8", "w2a8"]
-# AdaRound per layer cut to about 2 minutes on 2 cores: the conf/adaround/layer.yaml defaults (1000
-# iterations on 256 whole samples) take far longer on this model; 200 iterations on 64 took 13 min.
-ADAROUND = {"mode": "layer", "iters": 50, "num_samples": 32, "rows_per_iter": 256}
+# AdaRound per layer with its defaults (qsweep.config.AdaRoundConfig: 300 steps of 512 token rows).
+ADAROUND = {"mode": "layer"}
 ROTATE = {"enabled": True, "block_size": 128}
 
 
