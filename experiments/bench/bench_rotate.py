@@ -1,4 +1,5 @@
-"""What quant.rotate costs at inference: DeiT-S (random weights) on integer kernels, W4A8 with and without it.
+"""What quant.rotate costs at inference: DeiT-S (random weights) on integer kernels, W4A8 without it and
+with each rotation block size.
 
     .venv/bin/python experiments/bench/bench_rotate.py
 
@@ -15,6 +16,7 @@ import torch
 import qsweep
 from qsweep.quant.intkernel import to_int_backend
 
+BLOCKS = (32, 64, 128)
 W4A8 = {"weight": {"bits": 4, "granularity": "per_channel"}, "act": {"bits": 8}}
 
 
@@ -30,19 +32,22 @@ def main() -> None:
     torch.manual_seed(0)
     fp = timm.create_model("deit3_small_patch16_224", num_classes=100).eval()
     calib = [torch.randn(8, 3, 224, 224)]
-    plain, _ = to_int_backend(qsweep.quantize(fp, W4A8, calib))
-    rotated, _ = to_int_backend(qsweep.quantize(fp, {**W4A8, "rotate": {"enabled": True}}, calib))
+    models = {"fp32": fp, "int": to_int_backend(qsweep.quantize(fp, W4A8, calib))[0]}
+    for block in BLOCKS:
+        rotate = {"enabled": True, "block_size": block}
+        models[f"rotate {block}"] = to_int_backend(qsweep.quantize(fp, {**W4A8, "rotate": rotate}, calib))[0]
     x = torch.randn(16, 3, 224, 224)
+    print(f"{'batch':>5} {'fp32 ms':>8} " + " ".join(f"{name:>10}" for name in models if name != "fp32")
+          + "   (time / FP32; rotate N: W4A8 int with quant.rotate.block_size=N)")
     for batch, repeats in ((16, 3), (1, 10)):
         xb = x[:batch]
-        times = {name: [] for name in ("fp32", "int", "int+rotate")}
+        times = {name: [] for name in models}
         for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name, model in (("fp32", fp), ("int", plain), ("int+rotate", rotated)):
+            for name, model in models.items():
                 times[name].append(seconds(model, xb))
         med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
-        print(f"batch {batch:2d}: fp32 {med['fp32'] * 1e3:.0f} ms | int W4A8 {med['int'] / med['fp32']:.3f}x | "
-              f"int W4A8 + rotate {med['int+rotate'] / med['fp32']:.3f}x | rotate / plain "
-              f"{med['int+rotate'] / med['int']:.3f}", flush=True)
+        print(f"{batch:5d} {med['fp32'] * 1e3:8.0f} "
+              + " ".join(f"{med[name] / med['fp32']:9.3f}x" for name in models if name != "fp32"), flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

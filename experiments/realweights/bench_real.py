@@ -80,7 +80,7 @@ WIDTHS = [(8, 8, None), (6, 6, None), (4, 8, None), (4, 8, 64), (3, 8, 64), (4, 
 SHIPPED = ["w8a8", "w4a8", "w4a4", "w3a8", "w2a8"]
 # AdaRound per layer with its defaults (qsweep.config.AdaRoundConfig: 300 steps of 512 token rows).
 ADAROUND = {"mode": "layer"}
-ROTATE = {"enabled": True, "block_size": 128}
+ROTATE = {"enabled": True}  # the default block size
 
 
 def weight_observers() -> list[str]:
