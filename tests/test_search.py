@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
+from torch.utils.data import TensorDataset
 
 import qsweep
 from qsweep import app
@@ -24,7 +25,7 @@ from qsweep.search.greedy import greedy_layout, layer_noise
 from qsweep.search.plots import pareto_front
 from qsweep.search.space import FLOAT, SearchSpace, block_of, type_of
 from qsweep.search.storage import StorageError
-from qsweep.search.study import BEST_RUN_KEYS, best_experiment_yaml
+from qsweep.search.study import BEST_RUN_KEYS, ScoreBoundPruner, best_experiment_yaml
 from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -280,8 +281,9 @@ def test_a_search_composes_with_adaround_lsq_and_vit_options(tmp_path, digits_vi
                                     # a plain W2A8 AdaRound run gains from it (97.1 vs 96.2 %): open, see issue 10
                                     "quant.smooth.enabled=false"), tmp_path / "o")
     study = study_of(tmp_path)
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
     uniform2 = next(t for t in study.trials if set(t.params.values()) == {2})
+    assert uniform2.state == TrialState.COMPLETE
     assert uniform2.user_attrs["top1"] > 90.0  # learned rounding at 2 bits (nearest min-max: ~85 %)
     assert result["best_score"] > 0
 
@@ -325,3 +327,26 @@ def test_with_smoothing_every_width_shares_the_widest_ones_input_divisors(digits
             scaled += 1
             torch.testing.assert_close(ours.input_divisor, theirs.input_divisor)
     assert scaled > 0
+
+
+def test_the_bound_pruner_settles_a_trial_by_its_size_before_any_image():
+    def score_of(size_mb, top1):
+        return top1 - 10.0 * size_mb
+
+    study = optuna.create_study(direction="maximize", pruner=ScoreBoundPruner(score_of))
+    study.add_trial(optuna.trial.create_trial(value=80.0))  # the best so far
+    verdicts = []
+    for size in (3.0, 1.0):  # 100 % top-1 would score 70 (cannot win), 90 (might)
+        trial = study.ask()
+        for key, value in {"size_mb": size, "total": 100, "seen": 0, "correct": 0}.items():
+            trial.set_user_attr(key, value)
+        verdicts.append(trial.should_prune())
+    assert verdicts == [True, False]
+
+
+def test_trial_images_are_batched_so_every_prune_step_has_images():
+    data = TensorDataset(torch.zeros(300, 1), torch.zeros(300, dtype=torch.long))
+    images = TrialImages.from_dataset(data, 225, batch_size=256, seed=0, steps=3)
+    assert [len(y) for _, y in images.batches] == [75, 75, 75]
+    assert [len(part) for part in images.steps(3)] == [1, 1, 1]
+    assert len(TrialImages.from_dataset(data, None, batch_size=64, seed=0, steps=2).batches) == 5

@@ -63,7 +63,7 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
         models = LayoutModels(job.model, cfg.quant, job.calib, space, cfg.adaround, cfg.lsq, progress=cfg.progress,
                           kernels=cfg.export.kernels)
         images = TrialImages.from_dataset(job.loader.dataset, s.trial_images, cfg.data.eval_batch_size,
-                                          seed=s.seed or 0)
+                                          seed=s.seed or 0, steps=s.prune_steps)
         if created:
             _warm_start(cfg, study, space, models, job)
         backend = "fake" if cfg.eval.backend == "fake" else "int"

@@ -122,12 +122,19 @@ class Worker:
         s = self.cfg.search
         self.models.apply(layout)
         size = self.models.size_mb()
-        runner, fallbacks = self.models.runner(self.backend)
         total = self.images.images
-        metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models),
-                       int_fallback_layers=len(fallbacks))
+        metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models))
         trial.set_user_attr("size_mb", size)
         trial.set_user_attr("total", total)
+        if s.objective == "score" and isinstance(trial.study.pruner, ScoreBoundPruner):
+            # The size alone may settle it: not one image is needed to know 100 % top-1 would lose.
+            trial.set_user_attr("correct", 0)
+            trial.set_user_attr("seen", 0)
+            if trial.should_prune():
+                metrics.update(images=0)
+                raise optuna.TrialPruned("by its size: even 100 % top-1 would not beat the best score")
+        runner, fallbacks = self.models.runner(self.backend)
+        metrics.update(int_fallback_layers=len(fallbacks))
         eval_start = time.perf_counter()
 
         def on_step(step: int, correct: int, seen: int) -> None:

@@ -6,6 +6,8 @@ quantized once, so a trial costs one size measurement plus one evaluation of the
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +45,13 @@ class TrialImages:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def from_dataset(cls, dataset, limit: int | None, batch_size: int, seed: int) -> "TrialImages":
+    def from_dataset(cls, dataset, limit: int | None, batch_size: int, seed: int, steps: int = 1) -> "TrialImages":
+        """``limit`` images of ``dataset`` in batches of at most ``batch_size``, and small enough to
+        make ``steps`` evaluation steps (one batch would give a pruner nothing to act on)."""
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
         if limit is not None:
             order = order[:limit]
+        batch_size = max(1, min(batch_size, math.ceil(len(order) / max(1, steps))))
         loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)
         return cls([(x, y) for x, y in loader])
 
