@@ -21,6 +21,7 @@ from qsweep.quant.intops import IntGELU, IntLayerNorm, IntSoftmax, apply_intops
 from qsweep.quant.modules import QuantLayer
 from qsweep.quant.quantizer import ActQuantizer
 from qsweep.quant.vit import FUSED_MHA, QuantAttention, apply_vit, attention_sites
+from test_vit import runner
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -48,14 +49,6 @@ def vit():
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(24, 1, 16, 16, generator=g)
-
-
-def runner(model, batches):
-    def run(limit=None):
-        with torch.no_grad():
-            for b in batches[:limit]:
-                model(**b) if isinstance(b, dict) else model(b)
-    return run
 
 
 def eager(model):

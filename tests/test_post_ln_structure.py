@@ -11,14 +11,7 @@ import qsweep
 from qsweep.config import quant_recipe
 from qsweep.quant.modules import QuantLinear
 from qsweep.quant.vit import apply_vit, model_output, pre_norm_pairs, relative_error
-
-
-def runner(model, batches):
-    def run(limit=None):
-        with torch.no_grad():
-            for b in batches[:limit]:
-                model(**b) if isinstance(b, dict) else model(b)
-    return run
+from test_vit import runner
 
 
 def tiny_torchvision_vit():

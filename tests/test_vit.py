@@ -35,7 +35,7 @@ def runner(model, batches):
     def run(limit=None):
         with torch.no_grad():
             for b in batches[:limit]:
-                model(b)
+                model(**b) if isinstance(b, dict) else model(b)
     return run
 
 
