@@ -28,8 +28,8 @@ calibration sees the float model's activations.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch

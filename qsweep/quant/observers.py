@@ -11,8 +11,9 @@ Every estimator returns ranges inside the data's ``[min, max]`` with ``lo <= hi`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
