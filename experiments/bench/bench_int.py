@@ -11,9 +11,11 @@ Prints:
    ("+attn": q, k, v and softmax quantized; the int path runs both attention matmuls on int8),
    the ``export.kernels=int`` artifacts of the "+attn" models loaded as the grader does
    (``torch.export.load(p).module()``), and torchao's pt2e W8A8 reference / inductor-lowered
-   model (``--no-peers`` skips them); best of ``--repeats``; the models are timed round-robin
-   inside each repeat, so a load spike from other processes hits all of them alike, and ratios
-   are to FP32 from the same repeat; the 1-minute load average is printed with each table;
+   model (``--no-peers`` skips them), and the "int8 GEMM floor": the int W8A8 model's GEMMs alone,
+   ``torch._int_mm`` on codes of the same shapes, which no integer path can beat; best of
+   ``--repeats``; the models are timed round-robin inside each repeat, so a load spike from other
+   processes hits all of them alike, and ratios are to FP32 from the same repeat; the 1-minute load
+   average is printed with each table;
 2. a ``torch.profiler`` breakdown (self CPU time by category) of one batch-16 forward of the
    integer W8A8 models, next to FP32's (``--profile-only``: this table alone, to measure one change);
 3. peak RSS while evaluating, each in a fresh subprocess that holds only the model evaluated
@@ -42,7 +44,7 @@ from bench_eval import peak_rss, rss_mb
 
 import qsweep
 from qsweep.export import export_program, load_program
-from qsweep.quant.intkernel import to_int_backend
+from qsweep.quant.intkernel import IntGemm, to_int_backend
 
 MODEL = "deit3_small_patch16_224"
 
@@ -87,6 +89,34 @@ def round_robin(models: dict[str, torch.nn.Module], batches: list[torch.Tensor],
                 m(x)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+class GemmFloor(torch.nn.Module):
+    """The int8 GEMMs of ``int_model``'s Linears and patch embedding alone (``torch._int_mm`` on random
+    codes of the shapes a forward gives them): a bound no integer path on this CPU can go below."""
+
+    def __init__(self, int_model: torch.nn.Module, image: torch.Tensor):
+        super().__init__()
+        layers = [m for m in int_model.modules() if isinstance(m, IntGemm)]
+        rows: dict[int, int] = {}
+
+        def record(m: torch.nn.Module, args: tuple) -> None:
+            rows[id(m)] = args[0].numel() // m.in_features
+
+        hooks = [m.register_forward_pre_hook(record) for m in layers]
+        with torch.no_grad():
+            int_model(image[:1])
+        for h in hooks:
+            h.remove()
+        self.shapes = [(rows[id(m)], m.weight_t) for m in layers]  # rows per image, [K, N] codes
+        self.codes: dict[int, list[torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> None:
+        b = x.shape[0]
+        if b not in self.codes:
+            self.codes[b] = [torch.randint(-128, 128, (r * b, w.shape[0]), dtype=torch.int8) for r, w in self.shapes]
+        for a, (_, w) in zip(self.codes[b], self.shapes):
+            torch._int_mm(a, w)
 
 
 OTHER = "other (views, Python, dispatch)"
@@ -217,6 +247,8 @@ def main() -> None:
                 models[f"artifact {tag}"] = load_program(path)  # as the grader loads it
     if not (args.no_peers or args.profile_only):
         models.update(pt2e_peers(fp, calib))
+    if not args.profile_only:
+        models["int8 GEMM floor"] = GemmFloor(models["int W8A8"], calib[0])
     int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fallbacks {fallbacks}; "
           f"activation kernel: {int_layer.act_kernel}; to_int_backend seconds {convert_s}")
