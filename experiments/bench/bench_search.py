@@ -1,7 +1,7 @@
-"""Trials per hour: qsweep's search (bound pruner, then no pruning) against a plain Optuna loop.
+"""Trials per hour: qsweep's search (bound pruner, sampled study, no pruning) against a plain Optuna loop.
 
     .venv/bin/python experiments/bench/bench_search.py [--model digits|deit|both] [--trials T]
-        [--plain-trials P] [--images N] [--calib-images C] [--no-gptq]
+        [--plain-trials P] [--sampled-trials S] [--images N] [--calib-images C] [--no-gptq]
 
 For each model, in one process, one fixed sequence of layouts (the search's warm start: every
 width uniform, widest first; then seeded random per-layer widths) runs through these loops,
@@ -11,6 +11,10 @@ interleaved trial by trial so that they share the machine's load:
   ``run_trial`` with the experiment's settings (``digits_mixed_search`` / ``deit_mixed_search``:
   ``trial_images``, ``prune_steps``, ``pruner=bound``, its sampler); layouts come from the
   per-width caches of :class:`~qsweep.search.trials.LayoutModels` and run on integer kernels.
+* ``search, tpe proposes, bound pruner``: the same worker, but only the uniform layouts are
+  enqueued and the experiment's sampler proposes the other trials, as in a real study (which
+  also enqueues sensitivity-guided greedy layouts; they are left out here): how much a study that
+  closes in on the best still prunes.
 * ``search, no pruning``: the same with ``pruner=none``: every trial sees all its trial images.
 * ``plain Optuna loop``: what a user writes without the search: each trial calls the public
   ``qsweep.quantize(model, recipe + quant.layers overrides, calib)`` on the float model, measures
@@ -182,21 +186,24 @@ class Arm:
 
 
 def search_arm(name: str, cfg: DictConfig, space: SearchSpace, models: LayoutModels, images: TrialImages,
-               score_of, layouts: list[Layout]) -> Arm:
-    """The search's worker and trial loop, as ``qsweep.search.run`` sets them up, over ``layouts``."""
+               score_of, layouts: list[Layout], sampled: int = 0) -> Arm:
+    """The search's worker and trial loop, as ``qsweep.search.run`` sets them up, over ``layouts``;
+    with ``sampled``, only the uniform layouts are enqueued and the study's sampler proposes the
+    rest of ``sampled`` trials, as in a real study."""
     study = optuna.create_study(directions=["maximize"], sampler=make_sampler(cfg.search),
                                 pruner=make_pruner(cfg.search, score_of))
-    for layout in layouts:
+    for layout in layouts[:len(space.w_choices)] if sampled else layouts:
         study.enqueue_trial(space.params(layout))
     worker = Worker(cfg, space, models, images, score_of, "int", torch.device("cpu"), NullRecorder(), {})
 
     def step(i: int) -> None:
         # The arms share the cached models: start from this loop's previous layout, so each
         # trial swaps in as many weight codes as it would in a real study.
-        models.apply(layouts[i - 1] if i else space.uniform(max(space.w_choices)))
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        models.apply(space.layout_of(trials[-1].params) if trials else space.uniform(max(space.w_choices)))
         run_trial(study, worker, study.ask(), heartbeat=False)
 
-    return Arm(name, images.images, step, study, len(layouts))
+    return Arm(name, images.images, step, study, sampled or len(layouts))
 
 
 def plain_arm(work: Workload, recipe: DictConfig, names: list[str], widths: list[int], batch: int,
@@ -258,7 +265,8 @@ def evaluation_ops(runner: torch.nn.Module, images: TrialImages, top: int = 5) -
     return ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / total:.0%}" for e in ops[:top])
 
 
-def bench(name: str, cfg: DictConfig, work: Workload, trials: int, plain_trials: int) -> list[tuple[str, str]]:
+def bench(name: str, cfg: DictConfig, work: Workload, trials: int, plain_trials: int, sampled_trials: int
+          ) -> list[tuple[str, str]]:
     s = cfg.search
     batch = cfg.data.eval_batch_size
     names = layer_names_of(work.model, cfg)
@@ -268,7 +276,7 @@ def bench(name: str, cfg: DictConfig, work: Workload, trials: int, plain_trials:
 
     start = time.perf_counter()
     models = LayoutModels(work.model, cfg.quant, work.calib, space, cfg.adaround, cfg.lsq, kernels=cfg.export.kernels)
-    images = TrialImages.from_dataset(work.dataset, s.trial_images, batch, seed=s.seed or 0)
+    images = TrialImages.from_dataset(work.dataset, s.trial_images, batch, seed=s.seed or 0, steps=s.prune_steps)
     setup_s = time.perf_counter() - start
 
     models.apply(space.uniform(max(space.w_choices)))
@@ -277,21 +285,17 @@ def bench(name: str, cfg: DictConfig, work: Workload, trials: int, plain_trials:
 
     no_prune = OmegaConf.merge(cfg, {"search": {"pruner": "none"}})
     arms = [search_arm("search, bound pruner", cfg, space, models, images, score_of, layouts),
+            search_arm(f"search, {s.sampler} proposes, bound pruner", cfg, space, models, images, score_of, layouts,
+                       sampled_trials),
             search_arm("search, no pruning", no_prune, space, models, images, score_of, layouts),
             plain_arm(work, cfg.quant, space.layers, list(space.w_choices), batch, cfg.export.kernels, score_of,
                       layouts, plain_trials)]
-    if len(images.batches) == 1:
-        # A step is whole batches: trial images in one batch give the pruner no partial result
-        # to act on. Show what batches of trial_images / prune_steps would let it do.
-        small = -(-images.images // s.prune_steps)
-        fine = TrialImages.from_dataset(work.dataset, s.trial_images, small, seed=s.seed or 0)
-        arms.insert(1, search_arm(f"search, bound pruner, batch {small}", cfg, space, models, fine, score_of,
-                                  layouts))
-    for i in range(trials):
+    rounds = max(arm.limit for arm in arms)
+    for i in range(rounds):
         for arm in arms:
             if i < arm.limit:
                 arm.run(i)
-        print(f"{name}: trial {i + 1}/{trials} done", file=sys.stderr, flush=True)
+        print(f"{name}: trial {i + 1}/{rounds} done", file=sys.stderr, flush=True)
 
     gptq = "on" if cfg.quant.gptq.enabled else "off"
     return [
@@ -308,7 +312,8 @@ def bench(name: str, cfg: DictConfig, work: Workload, trials: int, plain_trials:
                                                        for k, v in arms[-1].parts.items())),
         (f"{name}: evaluation by op (int)", evaluation_ops(models.runner("int")[0], images)),
         (f"{name}: search settings", f"prune_steps {s.prune_steps} over {len(images.batches)} batches, sampler "
-                                     f"{s.sampler}; plain loop: the first {plain_trials} of the same layouts"),
+                                     f"{s.sampler}; plain loop: the first {plain_trials} of the same layouts; "
+                                     f"{s.sampler} proposes {sampled_trials} trials"),
     ]
 
 
@@ -327,6 +332,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["digits", "deit", "both"], default="both")
     parser.add_argument("--images", type=int, default=500, help="DeiT-S test images (the lab's mini set: 500)")
     parser.add_argument("--trials", type=int, default=20, help="trials of each search loop")
+    parser.add_argument("--sampled-trials", type=int, default=None,
+                        help="trials of the loop whose sampler proposes the layouts (default: --trials)")
     parser.add_argument("--plain-trials", type=int, default=None,
                         help="trials of the plain loop (default: --trials for digits, 3 for DeiT-S)")
     parser.add_argument("--calib-images", type=int, default=None,
@@ -341,11 +348,12 @@ def main() -> None:
     rows = []
     if args.model in ("digits", "both"):
         cfg = experiment_for("digits_mixed_search", args)
-        rows += bench("digits ViT", cfg, digits(cfg), args.trials, args.plain_trials or args.trials)
+        rows += bench("digits ViT", cfg, digits(cfg), args.trials, args.plain_trials or args.trials,
+                      args.sampled_trials or args.trials)
     if args.model in ("deit", "both"):
         cfg = experiment_for("deit_mixed_search", args)
         rows += bench("DeiT-S", cfg, deit(cfg, args.images, cfg.quant.calib.num_images), args.trials,
-                      args.plain_trials or 3)
+                      args.plain_trials or 3, args.sampled_trials or args.trials)
     load = "load average (1/5/15 min): start {:.2f} {:.2f} {:.2f}, end {:.2f} {:.2f} {:.2f}".format(
         *load_start, *os.getloadavg())
     print(format_table(rows) + "\n  " + load)
