@@ -32,6 +32,7 @@ test-distributed:
 bench:
 	$(BIN)/python experiments/bench/bench_eval.py
 	$(BIN)/python experiments/bench/bench_int.py --threads 1
+	$(BIN)/python experiments/bench/bench_onednn.py
 	$(BIN)/python experiments/bench/bench_rotate.py
 	$(BIN)/python experiments/bench/bench_search.py
 

@@ -26,6 +26,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -89,6 +90,17 @@ def round_robin(models: dict[str, torch.nn.Module], batches: list[torch.Tensor],
                 m(x)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its int8 matrix extensions (the GEMM floor depends on them most)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    int8 = [flag for flag in fields.get("flags", "").split() if "vnni" in flag or flag.startswith("amx")]
+    return f"{fields.get('model name', 'unknown CPU')} ({', '.join(int8) or 'no VNNI / AMX'})"
 
 
 class GemmFloor(torch.nn.Module):
@@ -250,8 +262,8 @@ def main() -> None:
     if not args.profile_only:
         models["int8 GEMM floor"] = GemmFloor(models["int W8A8"], calib[0])
     int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fallbacks {fallbacks}; "
-          f"activation kernel: {int_layer.act_kernel}; to_int_backend seconds {convert_s}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {cpu_description()}; "
+          f"fallbacks {fallbacks}; activation kernel: {int_layer.act_kernel}; to_int_backend seconds {convert_s}")
 
     timed = [] if args.profile_only else [(16, images(args.batches, 16, seed=100)),
                                           (1, images(args.singles, 1, seed=200))]
