@@ -142,7 +142,7 @@ class QuantConfig:
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
     rotate: RotateConfig = field(default_factory=RotateConfig)
     intops: str = "off"  # off | ivit: integer-only Softmax, GELU and LayerNorm (I-ViT)
-    residual_bits: Optional[int] = 16  # intops=ivit: bit width of the residual stream; null: float
+    residual_bits: Optional[int] = 16  # intops=ivit: residual stream width (timm Blocks); null: float
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
 

@@ -161,9 +161,13 @@ def test_log2_softmax_on_hf(vit, images):
 
 # --- (c) quant.intops=ivit on HF: IntSoftmax / IntLayerNorm / IntGELU -------------------------------------
 
-def test_intops_on_hf_vit(vit, images):
+def test_intops_on_hf_vit(vit, images, caplog):
     assert type(vit.model.vit.layers[0].mlp.activation_fn).__name__ == "GELUActivation"
-    q = qsweep.quantize(vit, dict(W8A8, intops="ivit"), [images[:16]])
+    with caplog.at_level(logging.WARNING, logger="qsweep.quant.intops"):
+        q = qsweep.quantize(vit, dict(W8A8, intops="ivit"), [images[:16]])
+    # quant.residual_bits (16 by default) has no timm Block to act on here: said, not silently dropped
+    said = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "qsweep.quant.intops"]
+    assert said == ["quant.residual_bits=16"]
     kinds = [type(m) for m in q.modules()]
     assert kinds.count(IntSoftmax) == LAYERS and kinds.count(IntLayerNorm) == 2 * LAYERS + 1
     assert kinds.count(IntGELU) == LAYERS and nn.LayerNorm not in kinds

@@ -1,6 +1,7 @@
 """quant.intops=ivit: integer Softmax / GELU / LayerNorm against float on the digits ViT's real activations."""
 
 import copy
+import logging
 import math
 
 import pytest
@@ -150,8 +151,10 @@ def test_int_gelu_and_softmax_on_grids(activations):
     assert ((p.sum(dim=-1) - 256).abs() <= x.shape[-1]).all()  # rows sum to 1 up to rounding
 
 
-def test_model_gets_integer_ops_and_residual_grid(digits_vit, calib, test_images):
-    q = qsweep.quantize(digits_vit, dict(W8A8, intops="ivit", residual_bits=12), calib)
+def test_model_gets_integer_ops_and_residual_grid(digits_vit, calib, test_images, caplog):
+    with caplog.at_level(logging.WARNING, logger="qsweep.quant.intops"):
+        q = qsweep.quantize(digits_vit, dict(W8A8, intops="ivit", residual_bits=12), calib)
+    assert not [r for r in caplog.records if r.name == "qsweep.quant.intops"]  # timm Blocks: nothing to say
     kinds = [type(m).__name__ for m in q.modules()]
     assert kinds.count("IntLayerNorm") == 9 and kinds.count("IntGELU") == 4 and kinds.count("IntSoftmax") == 4
     assert kinds.count("IntBlock") == 4 and not any(isinstance(m, nn.LayerNorm) for m in q.modules())

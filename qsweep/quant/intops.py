@@ -27,6 +27,7 @@ calibration sees the float model's activations.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,6 +42,8 @@ from qsweep.config import ConfigError, TensorQuantConfig
 from qsweep.quant.grid import quantize
 from qsweep.quant.quantizer import ActQuantizer
 from qsweep.quant.vit import act_config, attention_sites, log_skipped
+
+log = logging.getLogger(__name__)
 
 __all__ = ["IntBlock", "IntGELU", "IntLayerNorm", "IntSoftmax", "apply_intops", "dyadic", "int_codes", "isqrt",
            "shift_exp2"]
@@ -248,9 +251,14 @@ def apply_intops(model: nn.Module, recipe: Any, run: Callable[..., Any] | None =
     for name, attn in sites.items():
         attn.softmax = IntSoftmax(_signed(SOFTMAX_IN_BITS, act), name)
     out_cfg = replace(act, bits=LN_OUT_BITS)
-    for name, module in list(model.named_modules()):
-        if type(module) is Block and recipe.residual_bits is not None:
-            model.set_submodule(name, IntBlock(module, int(recipe.residual_bits), name))
+    blocks = [name for name, module in model.named_modules() if type(module) is Block]
+    if recipe.residual_bits is not None:
+        for name in blocks:
+            model.set_submodule(name, IntBlock(model.get_submodule(name), int(recipe.residual_bits), name))
+        if not blocks:
+            log.warning("quant.residual_bits=%s: %s has no timm Block, so its residual stream stays float "
+                        "(the integer residual add is built for timm's Block only)", recipe.residual_bits,
+                        type(model).__name__)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.LayerNorm):
             model.set_submodule(name, IntLayerNorm(module, out_cfg, name))
