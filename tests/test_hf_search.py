@@ -1,11 +1,13 @@
 """The lab's search on a Hugging Face DeiT: trials over its layers, the best layout's run and the lab grader."""
 
+import csv
 from pathlib import Path
 
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 
+from qsweep.config import ConfigError
 from qsweep.lab_eval import lab_eval
 from qsweep.modes import execute
 
@@ -48,3 +50,26 @@ def test_hf_deit_lab_search_grades_the_best_layout(tmp_path, one_thread):
     assert best["lab_top1"] == pytest.approx(best["top1"]) and best["lab_size_mb"] == pytest.approx(best["size_mb"])
     graded = lab_eval(best["artifact"], data, image_size=32, progress=False)
     assert graded["acc"] == pytest.approx(best["top1"]) and graded["score"] == best["lab_score"]
+
+
+def test_hf_deit_runs_the_lab_recipe_once_its_timm_rule_is_renamed(tmp_path, one_thread):
+    """deit_w4a8 keeps timm's `head` at 8 bits; on a Hugging Face DeiT the error says how to move the rule."""
+    data = tmp_path / "data"
+    write_fake_cifar(data)
+    path = tmp_path / "tiny_deit"
+    tiny_vit("deit", **CIFAR_KW).save_pretrained(path)
+    common = ["+experiment=deit_w4a8", "model.source=hf", f"model.path={path}", f"data.root={data}",
+              "data.image_size=32", "quant.calib.num_images=32", "quant.calib.batch_size=32",
+              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        wrong = compose("config", overrides=common)
+        renamed = compose("config", overrides=common + ["~quant.layers.head",
+                                                        "+quant.layers={model.classifier: {w_bits: 8}}"])
+    with pytest.raises(ConfigError, match=r"'head' matches no .*'model\.classifier'.*'~quant\.layers\.head'"):
+        execute(wrong, tmp_path / "wrong")
+    result = execute(renamed, tmp_path / "out")
+    assert Path(result["artifact"]).name == "deits_quantized.pth"
+    assert result["lab_top1"] == pytest.approx(result["top1"])
+    with open(Path(result["output_dir"]) / "layers.csv") as f:
+        bits = {row["name"]: int(row["w_bits"]) for row in csv.DictReader(f)}
+    assert bits["model.classifier"] == 8 and bits["model.deit.layers.0.mlp.fc1"] == 4

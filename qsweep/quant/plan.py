@@ -32,9 +32,16 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _unmatched(key: str, pattern: str, candidates: list[str], all_names: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(pattern, all_names, n=5, cutoff=0.4) or candidates[:5]
+    close = difflib.get_close_matches(pattern, all_names, n=5, cutoff=0.4)
+    # Nothing alike (timm's `head` is Hugging Face's `classifier`): show both ends, where rules usually point.
+    names = f"closest module names: {close}" if close else (
+        f"the {len(candidates)} quantizable modules run from {candidates[:3]} to {candidates[-2:]}")
+    # A rule an experiment file sets (e.g. deit_w4a8's `head`) may name another model's module.
+    simple = key == "quant.layers" and "." not in pattern
+    fix = f"drop it with '~quant.layers.{pattern}'" if simple else f"set the whole of {key} on the command line"
     return ConfigError(
-        f"{key} pattern {pattern!r} matches no Linear/Conv2d module; closest module names: {close}"
+        f"{key} pattern {pattern!r} matches no Linear/Conv2d module; {names}. "
+        f"If an experiment set it for another model, {fix}"
     )
 
 
