@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,11 +59,11 @@ def main() -> None:
               "act": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}}
     int_model, _ = to_int_backend(qsweep.quantize(fp, recipe, [torch.randn(8, 3, 224, 224)]))
     layers: dict[tuple[int, int], IntLinear] = {}
+    counts: Counter[tuple[int, int]] = Counter()  # the 48 block Linears by shape (the 100-class head left out)
     for m in int_model.modules():
         if isinstance(m, IntLinear) and m.groups == 1 and m.out_features > 100:
             layers.setdefault((m.in_features, m.out_features), m)
-    counts = {shape: sum(isinstance(m, IntLinear) and (m.in_features, m.out_features) == shape
-                         for m in int_model.modules()) for shape in layers}
+            counts[m.in_features, m.out_features] += 1
 
     print(f"torch {torch.__version__}, 1 thread on {cpu_description()}; ms per call, best of 5 x 20")
     print(f"{'M x K x N':>18} {'fp32':>8} {'_int_mm':>8} {'quantize':>8} {'qsweep':>8} {'onednn':>8} {'prepack':>8}")
@@ -78,15 +79,15 @@ def main() -> None:
             u8 = (q.to(torch.int16) + 128).to(torch.uint8)  # the same codes on oneDNN's unsigned grid
             zp = layer.a_c + 128
             packed = torch.ops.onednn.qlinear_prepack(w8, [rows, k])
+
+            def onednn() -> torch.Tensor:
+                return torch.ops.onednn.qlinear_pointwise(u8, layer.a_scale, zp, packed, w_scale, zeros, layer.bias,
+                                                          1.0, 0, torch.float32, "none", [None], "")
+
             ours = layer.gemm(x)
-            theirs = torch.ops.onednn.qlinear_pointwise(u8, layer.a_scale, zp, packed, w_scale, zeros, layer.bias,
-                                                        1.0, 0, torch.float32, "none", [None], "")
-            torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))
+            torch.testing.assert_close(onednn(), ours, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))
             row = [ms(lambda: F.linear(x, w_float, layer.bias)), ms(lambda: torch._int_mm(q, layer.weight_t)),
-                   ms(lambda: layer.quantize_input(x)), ms(lambda: layer.gemm(x)),
-                   ms(lambda: torch.ops.onednn.qlinear_pointwise(u8, layer.a_scale, zp, packed, w_scale, zeros,
-                                                                 layer.bias, 1.0, 0, torch.float32, "none",
-                                                                 [None], "")),
+                   ms(lambda: layer.quantize_input(x)), ms(lambda: layer.gemm(x)), ms(onednn),
                    ms(lambda: torch.ops.onednn.qlinear_prepack(w8, None), calls=5)]
             if rows == 197:
                 prepack_total += row[-1] * counts[(k, n)]
