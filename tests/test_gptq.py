@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 from torch import nn
 
 import qsweep
@@ -78,22 +79,29 @@ def test_correlated_inputs_lower_the_output_error(bits, weight, act_order):
     torch.testing.assert_close(rounded[0].weight, q.dequantize())  # the forward uses the new codes
 
 
-def test_conv_is_rounded_and_a_depthwise_conv_is_skipped():
+def test_convs_are_rounded_depthwise_and_tf_same_padded_ones_too():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                          nn.Conv2d(8, 4, 1)).eval()
-    x = F.interpolate(torch.randn(16, 3, 4, 4), size=16, mode="bilinear")  # smooth images: correlated patches
+                          Conv2dSame(8, 8, 3, stride=2, groups=4), nn.Conv2d(8, 4, 1)).eval()
+    x = F.interpolate(torch.randn(16, 3, 4, 4), size=17, mode="bilinear")  # smooth images: correlated patches
     recipe = {"weight": {"bits": 3}, "act": {"bits": None}}
-    nearest, rounded, stats = quantize_both(model, recipe, [x])
-    assert set(stats["layers"]) == {"0", "3"}
-    assert "groups=8" in stats["skipped"]["2"]
-    assert torch.equal(rounded[2].qweight.codes, nearest[2].qweight.codes)
-    # The Hessian's error measure is the conv's own output error: patches unfold in the weight's order.
-    d = model[0].weight - nearest[0].qweight.dequantize()
-    out = F.conv2d(x, d, stride=2, padding=1)
-    rows = out.shape[0] * out.shape[2] * out.shape[3]
-    expected = 2.0 / rows * out.pow(2).sum().item()
-    assert stats["layers"]["0"]["error_before"] == pytest.approx(expected, rel=1e-4)
+    nearest, rounded, stats = quantize_both(model, recipe, [x], sequential=False)
+    assert set(stats["layers"]) == {"0", "2", "3", "4"} and not stats["skipped"]
+    # The Hessian's error measure is each conv's own output error: patches unfold in the weight's order,
+    # padded as the conv pads them, one Hessian per group (inputs: the nearest-rounded model's, one pass).
+    with torch.no_grad():
+        inputs = {"0": x, "2": F.relu(nearest[0](x))}
+        inputs["3"] = nearest[2](inputs["2"])
+    for name, conv in (("0", model[0]), ("2", model[2]), ("3", model[3])):
+        i = int(name)
+        d = conv.weight - nearest[i].qweight.dequantize()
+        with torch.no_grad():
+            out = conv._conv_forward(inputs[name], d, None) if i < 3 else conv2d_same(
+                inputs[name], d, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        rows = out.shape[0] * out.shape[2] * out.shape[3]
+        expected = 2.0 / rows * out.pow(2).sum().item()
+        assert stats["layers"][name]["error_before"] == pytest.approx(expected, rel=1e-4), name
+        assert stats["layers"][name]["error_after"] < stats["layers"][name]["error_before"], name
     with torch.no_grad():
         ref = model[0](x)
         assert (rounded[0](x) - ref).norm() < (nearest[0](x) - ref).norm()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qsweep.quant.fold import fold_batchnorm
+from qsweep.quant.fold import fold_batchnorm, fold_weight_standardization
 from qsweep.quant.intops import apply_intops
 from qsweep.config import quant_recipe
 from qsweep.quant.batches import call_model, device_of, to_device
@@ -37,7 +37,7 @@ class QuantizeTimings:
 
 def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
             smoothing: Mapping[str, torch.Tensor | None] | None = None,
-            report: QuantizeTimings | None = None) -> None:
+            report: QuantizeTimings | None = None, float_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Fold BN, apply ``quant.vit`` / ``quant.intops`` / ``quant.smooth`` / ``quant.rotate`` and swap in the
     quantized modules.
 
@@ -47,7 +47,8 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
     module name the plan uses. ``smoothing``: per-layer scales chosen before (see
     :func:`qsweep.quant.smooth.input_divisors`) instead of searching them. ``report`` receives the
     folded BatchNorm names, the LayerNorms ``post_ln`` left alone, the attention layers ``vit.attn_matmul`` /
-    ``intops`` cannot reach and the ``alpha`` chosen per smoothed layer.
+    ``intops`` cannot reach and the ``alpha`` chosen per smoothed layer. ``float_weights``, if given,
+    receives each swapped layer's float weight after the rewrites: what its codes were rounded from.
     """
     report = report if report is not None else QuantizeTimings()
     recipe = quant_recipe(recipe)
@@ -60,6 +61,7 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
         for batch in batches[:limit]:
             call_model(model, to_device(batch, device))
 
+    fold_weight_standardization(model)  # first: BN folded into a standardized weight would be re-standardized
     folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
     report.post_ln_skipped = rewrite_post_ln(model, recipe, run)
     report.attn_skipped = {**quantize_attentions(model, recipe, run), **apply_intops(model, recipe, run)}
@@ -68,7 +70,10 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
     if recipe.rotate.enabled:
         rotate_linears(model, plans, int(recipe.rotate.block_size))
     for name, layer_plan in plans.items():
-        model.set_submodule(name, quant_module_for(model.get_submodule(name), layer_plan))
+        layer = model.get_submodule(name)
+        if float_weights is not None:
+            float_weights[name] = layer.weight
+        model.set_submodule(name, quant_module_for(layer, layer_plan))
     report.folded_bn, report.smooth = folded, alphas
 
 

@@ -1,10 +1,14 @@
-"""Fold BatchNorm into the convolution that feeds it."""
+"""Float rewrites that change no output: BatchNorm into the convolution that feeds it, weight
+standardization into the convolution's weight."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 
@@ -69,4 +73,32 @@ def fold_batchnorm(model: nn.Module, run: Callable[[], Any]) -> list[str]:
                 bn.weight.fill_(1.0)
                 bn.bias.zero_()
         folded.append(bn_name)
+    return folded
+
+
+STANDARDIZED_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+
+@torch.no_grad()
+def fold_weight_standardization(model: nn.Module) -> list[str]:
+    """Replace timm's weight-standardized convolutions (BiT, NFNet) by plain ones holding the
+    standardized weight their forward computes (the same op on the same tensor, so the same
+    bits); returns their names. Their weights are then what gets quantized."""
+    folded = []
+    for name, conv in list(model.named_modules()):
+        if not name or type(conv) not in STANDARDIZED_CONVS:
+            continue
+        gain = (conv.gain * conv.scale).view(-1) if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)) else None
+        weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=gain,
+                              training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+        geometry = dict(stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+        if getattr(conv, "same_pad", False):
+            plain = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, **geometry)
+        else:
+            plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, **geometry)
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        if conv.bias is not None:
+            plain.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        model.set_submodule(name, plain.to(conv.weight.device).train(conv.training))
+        folded.append(name)
     return folded

@@ -56,38 +56,32 @@ def _stop(*_: Any) -> None:
 
 
 class Hessian:
-    """Running mean of ``2 x x^T`` over the input rows seen so far."""
+    """Running mean of ``2 x x^T`` over the input rows seen so far, one ``[cols, cols]`` matrix per
+    conv group (a grouped conv's output channels each read their own group's input channels)."""
 
-    def __init__(self, cols: int, device: torch.device):
-        self.h = torch.zeros(cols, cols, device=device)
+    def __init__(self, groups: int, cols: int, device: torch.device):
+        self.h = torch.zeros(groups, cols, cols, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
+        """``x [groups, n, cols]``."""
         x = x.float()
-        self.rows += x.shape[0]
-        self.h.mul_((self.rows - x.shape[0]) / self.rows).addmm_(x.T, x, alpha=2.0 / self.rows)
-
-
-def _skip_reason(layer: QuantLayer) -> str | None:
-    if isinstance(layer, QuantConv2d):
-        if layer.groups != 1:
-            return f"grouped conv (groups={layer.groups}): its weight columns do not share one input"
-        if isinstance(layer.padding, str) and layer.padding != "valid":
-            return f"padding={layer.padding!r}"
-    return None
+        self.rows += x.shape[1]
+        self.h.mul_((self.rows - x.shape[1]) / self.rows).baddbmm_(x.transpose(1, 2), x, alpha=2.0 / self.rows)
 
 
 def input_rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
-    """``layer``'s op input as ``[n, cols]`` rows matching its ``[rows, cols]`` weight.
+    """``layer``'s op input as ``[groups, n, cols]`` rows matching each group's ``[rows, cols]`` weight.
 
-    A conv's patches come from ``F.unfold``, whose (channel, kh, kw) order is the row-major
-    reshape of its ``[out, in, kh, kw]`` weight.
+    A conv's patches come from ``F.unfold`` of the input padded as the conv pads it; their
+    (channel, kh, kw) order is the row-major reshape of its ``[out, in / groups, kh, kw]`` weight,
+    and group ``g``'s columns are its input channels' patches.
     """
     if isinstance(layer, QuantConv2d):
-        padding = 0 if isinstance(layer.padding, str) else layer.padding  # "valid"
-        x = F.unfold(x, layer.weight.shape[2:], dilation=layer.dilation, padding=padding, stride=layer.stride)
-        return x.transpose(1, 2).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
+        x = layer.patches(x)  # [B, C * kh * kw, L]
+        b, _, length = x.shape
+        return x.view(b, layer.groups, -1, length).permute(1, 0, 3, 2).reshape(layer.groups, b * length, -1)
+    return x.reshape(1, -1, x.shape[-1])
 
 
 class _OpInputHook:
@@ -140,7 +134,7 @@ class Collector:
             def hook(x: torch.Tensor) -> None:
                 rows = input_rows(layer, x)
                 if name not in hessians:
-                    hessians[name] = Hessian(rows.shape[1], rows.device)
+                    hessians[name] = Hessian(rows.shape[0], rows.shape[2], rows.device)
                 hessians[name].add(rows)
             return _OpInputHook(layer, hook)
 
@@ -222,26 +216,29 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((w - w_hat) h (w - w_hat)^T)``: the summed squared output error on the calibration inputs."""
+    """``tr((w - w_hat) h (w - w_hat)^T)`` summed over groups (``[groups, rows, cols]`` weights, ``[groups,
+    cols, cols]`` Hessians): the summed squared output error on the calibration inputs."""
     d = w - w_hat
-    return float(((d @ h) * d).sum())
+    return float((torch.bmm(d, h) * d).sum())
 
 
 def _round_layer(name: str, layer: QuantLayer, w_view: torch.Tensor, hessian: Hessian, cfg: Any) -> dict:
+    """GPTQ codes for ``layer``, one group's rows at a time (a depthwise conv: each channel alone)."""
     start = time.perf_counter()
     q = layer.qweight
-    rows = q.shape[0]
-    w = w_view.reshape(rows, -1)
-    scale = q.scale.expand(q.codes.shape).reshape(rows, -1)
-    zero_point = q.zero_point.expand(q.codes.shape).reshape(rows, -1).float()
+    rows, groups = q.shape[0], hessian.h.shape[0]
+    w = w_view.reshape(groups, rows // groups, -1)
+    scale = q.scale.expand(q.codes.shape).reshape(w.shape)
+    zero_point = q.zero_point.expand(q.codes.shape).reshape(w.shape).float()
     try:
         with _one_thread():
-            codes = gptq_codes(w, hessian.h, scale, zero_point, q.grid, cfg.damp, cfg.act_order, cfg.block_size)
+            codes = torch.stack([gptq_codes(w[g], hessian.h[g], scale[g], zero_point[g], q.grid, cfg.damp,
+                                            cfg.act_order, cfg.block_size) for g in range(groups)])
     except torch.linalg.LinAlgError:
         raise ReconstructionError(
             f"{name}: its damped Hessian is not positive definite (quant.gptq.damp={cfg.damp}); raise quant.gptq.damp"
         ) from None
-    before = output_error(w, q.dequantize().reshape(rows, -1), hessian.h)
+    before = output_error(w, q.dequantize().reshape(w.shape), hessian.h)
     after = output_error(w, dequantize(codes, scale, zero_point), hessian.h)
     # GPTQ is greedy; on rare layers (heavy damping) nearest rounding is better on the same data.
     kept = "gptq" if after <= before else "nearest"
@@ -275,8 +272,8 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
     start = time.perf_counter()
     cfg = merge_config(GPTQConfig, cfg, "quant.gptq", validate_gptq)
     weighted = weighted_layers(model)
-    skipped = {name: reason for name, layer in weighted.items() if (reason := _skip_reason(layer))}
-    todo = {name: layer for name, layer in weighted.items() if name not in skipped}
+    skipped: dict[str, str] = {}
+    todo = dict(weighted)
     missing = [name for name in todo if name not in float_weights]
     if missing:
         raise ReconstructionError(f"quant.gptq: no float weights for {missing[:3]}; run GPTQ through qsweep.quantize "

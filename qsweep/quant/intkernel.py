@@ -178,9 +178,9 @@ def int_ineligible(layer: QuantLayer) -> str | None:
         kh, kw = layer.qweight.shape[2:]
         if layer.groups != 1:
             return f"grouped conv (groups={layer.groups})"
-        padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
-        if padding not in ((0, 0), "valid"):
-            return f"padded conv (padding={layer.padding}) is not a GEMM"
+        if not layer.zero_padding:
+            padding = "TF-same" if layer.same_padding else layer.padding
+            return f"padded conv (padding={padding}) is not a GEMM"
         if (kh, kw) != (1, 1):
             if tuple(layer.stride) != (kh, kw):
                 stride = tuple(layer.stride)

@@ -45,23 +45,20 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
         raise CalibrationError("calibration got no batches: give at least one calibration batch")
     fp_model = copy.deepcopy(model) if inplace and reconstruct else model
     model = model if inplace else copy.deepcopy(model)
-    # The float modules prepare() rewrites in place (BN folding, quant.vit.post_ln) and then replaces:
-    # their weights are what the quantized codes were rounded from.
-    float_modules = ({n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-                     if reconstruct or gptq else {})
+    # The float weights after prepare()'s rewrites (BN folding, quant.vit.post_ln, ...): what the codes were rounded from.
+    weights: dict[str, torch.Tensor] | None = {} if reconstruct or gptq else None
     model.eval()
     timings = timings if timings is not None else QuantizeTimings()
     if replaced is not None:
         timings.reconstruct["gptq"] = {"skipped": replaced}
     start = time.perf_counter()
-    prepare(model, recipe, batches, smoothing, timings)
+    prepare(model, recipe, batches, smoothing, timings, weights)
     timings.quantize_s = time.perf_counter() - start
     start = time.perf_counter()
     calibrate(model, batches, progress=progress, seed=int(recipe.calib.seed))
     timings.calibrate_s = time.perf_counter() - start
     if reconstruct or gptq:
         start = time.perf_counter()
-        weights = {n: m.weight for n, m in float_modules.items()}
         if gptq:
             timings.reconstruct["gptq"] = apply_gptq(model, batches, recipe.gptq, weights, progress)
         _learn(model, fp_model, batches, ada_cfg, lsq_cfg, weights, progress, timings)

@@ -9,12 +9,38 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from timm.layers import Linear as TimmLinear
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 
 from qsweep.config import ConfigError, TensorQuantConfig
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 log = logging.getLogger(__name__)
+# Subclasses whose forward is the base op on their own weight and bias, TF-"same" padding aside.
+SAME_AS_LINEAR = (TimmLinear,)
+SAME_PADDING_CONVS = (Conv2dSame, Conv2dSameExport)
+
+
+def unreproducible(module: nn.Module) -> str | None:
+    """Why a quantized layer could not compute what ``module``'s forward does, or None if it can.
+
+    Plain ``nn.Linear`` / ``nn.Conv2d`` (any padding mode) and subclasses that keep their forward
+    are reproduced, and so are the known subclasses above; any other subclass overriding
+    ``forward`` may transform its weight or input in ways a quantized weight would not go through.
+    """
+    cls = type(module)
+    if isinstance(module, nn.Conv2d):
+        if cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
+            return None
+        if isinstance(module, SAME_PADDING_CONVS) and cls.forward in (c.forward for c in SAME_PADDING_CONVS):
+            return None
+    elif isinstance(module, nn.Linear):
+        if cls.forward is nn.Linear.forward or cls.forward in (c.forward for c in SAME_AS_LINEAR):
+            return None
+    else:
+        return f"{cls.__name__} is not a Linear or Conv2d"
+    return f"{cls.__module__}.{cls.__qualname__} overrides forward, which qsweep cannot run on a quantized weight"
 
 
 @dataclass(frozen=True)
@@ -66,10 +92,18 @@ def _apply_override(weight: TensorQuantConfig | None, act: TensorQuantConfig | N
     return weight, act
 
 
-def unreached_linears(model: nn.Module) -> dict[str, str]:
-    """Linears that are never called, so a quantized copy would never run: ``{name: why}``."""
-    return {f"{name}.out_proj".lstrip("."): "nn.MultiheadAttention reads out_proj.weight directly in its fused "
-            "path and never calls the module" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+def left_float(model: nn.Module) -> dict[str, str]:
+    """Linear / Conv2d modules a quantized copy could not stand in for: ``{name: why}``.
+
+    Linears that are never called (a quantized copy would never run), and subclasses whose
+    forward qsweep cannot reproduce on a quantized weight (swapping them would change the model).
+    """
+    never_called = {f"{name}.out_proj".lstrip("."): "nn.MultiheadAttention reads out_proj.weight directly in its "
+                    "fused path and never calls the module"
+                    for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    own_forward = {name: why for name, m in model.named_modules()
+                   if isinstance(m, QUANTIZABLE) and (why := unreproducible(m)) is not None}
+    return {**own_forward, **never_called}
 
 
 def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
@@ -95,7 +129,7 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
         if not any(matches(n, pattern) for n in candidates):
             raise _unmatched("quant.layers", pattern, candidates, all_names)
 
-    unreached = unreached_linears(model)
+    unreached = left_float(model)
     for name, why in unreached.items():
         log.warning("left %s in float: %s", name, why)
     plan: dict[str, LayerPlan] = {}
