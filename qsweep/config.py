@@ -376,8 +376,13 @@ def validate_tensor(prefix: str, t: TensorQuantConfig | DictConfig, is_weight: b
         )
 
 
+LAYER_KINDS = ("@depthwise", "@first", "@last")  # qsweep.quant.plan.KINDS: layers selected by what they are
+
+
 def validate_layer_overrides(layers: Any) -> None:
     for pattern, override in (layers or {}).items():
+        if str(pattern).startswith("@"):
+            _choice("quant.layers key", pattern, LAYER_KINDS)
         if not isinstance(override, (dict, DictConfig)):
             raise ConfigError(
                 f"quant.layers.{pattern}={override!r} is not allowed; give a mapping with keys {list(LAYER_OVERRIDE_KEYS)}"

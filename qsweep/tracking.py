@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import time
@@ -55,6 +56,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.:/ ]|-")
+
+
+def param_key(name: str) -> str:
+    """``name`` as an MLflow param key, reversibly: a character MLflow refuses (``*``, ``@``, ``[``, ...;
+    ``quant.layers.blocks.0.*.w_bits``) becomes ``-XX-`` (its code point in hex), ``-`` itself ``-2D-``."""
+    return _KEY_CHARS.sub(lambda m: f"-{ord(m[0]):02X}-", name)
+
+
+def unparam_key(key: str) -> str:
+    """The config key :func:`param_key` encoded."""
+    return re.sub(r"-([0-9A-F]+)-", lambda m: chr(int(m[1], 16)), key)
 
 
 def git_commit(project_dir: Path) -> str:
@@ -209,7 +224,7 @@ class Recorder:
         self.client.set_terminated(sweep_run_id, status="FAILED" if bad else "FINISHED")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:_PARAM_VALUE_MAX]) for k, v in params.items()]
+        items = [Param(param_key(k), str(v)[:_PARAM_VALUE_MAX]) for k, v in params.items()]
         for i in range(0, len(items), _PARAM_CHUNK):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAM_CHUNK])
 

@@ -243,3 +243,17 @@ def test_search_caches_hold_gptq_codes():
         for name in ("0", "2"):
             assert torch.equal(models.weights[(name, bits)].codes, fresh.get_submodule(name).qweight.codes)
         assert not torch.equal(models.weights[("0", bits)].codes, nearest[0].qweight.codes)
+
+
+def test_a_layer_with_fewer_input_rows_than_columns_keeps_nearest_rounding():
+    """A classifier sees one row per image: with fewer images than features its Hessian is rank-deficient
+    and GPTQ would fit the calibration set; it keeps its nearest codes and says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    few, enough = correlated(40, 48, seed=1), correlated(400, 48, seed=1)
+    recipe = {"weight": {"bits": 3}, "act": {"bits": None}}
+    nearest, rounded, stats = quantize_both(model, recipe, [few])
+    assert "40 calibration input rows for 48 weight columns" in stats["skipped"]["0"]
+    assert torch.equal(rounded[0].qweight.codes, nearest[0].qweight.codes)
+    _, _, stats = quantize_both(model, recipe, [enough], num_samples=400)
+    assert "0" in stats["layers"] and not stats["skipped"]

@@ -66,3 +66,39 @@ def test_unmatched_glob_names_close_modules():
 def test_bad_recipes_fail_early(recipe, match):
     with pytest.raises(ConfigError, match=match):
         quant_recipe(recipe)
+
+
+class SeparableNet(nn.Module):
+    """Stem, a depthwise conv, a grouped (not depthwise) conv, a pointwise conv, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+
+def test_layer_kinds_select_depthwise_first_and_last():
+    recipe = quant_recipe({"layers": {"@depthwise": {"w_bits": 8}, "@first": {"w_bits": 6}, "@last": {"a_bits": None}},
+                           "skip": []})
+    plan = resolve_plan(SeparableNet(), recipe)
+    assert {n: p.weight.bits for n, p in plan.items()} == {"stem": 6, "dw": 8, "grouped": 4, "pw": 4, "head": 4}
+    assert plan["head"].act is None and plan["pw"].act.bits == 8
+    assert sorted(resolve_plan(SeparableNet(), quant_recipe({"skip": ["@depthwise", "@last"]}))) == ["grouped", "pw",
+                                                                                                    "stem"]
+    # A kind the model lacks is no error: a CNN recipe fits a ViT.
+    assert len(resolve_plan(Net(), recipe)) == 6
+
+
+def test_unknown_layer_kind_is_refused():
+    with pytest.raises(ConfigError, match=r"quant.layers key='@depthwsie'.*did you mean '@depthwise'"):
+        quant_recipe({"layers": {"@depthwsie": {"w_bits": 8}}})
+
+
+def test_layer_kinds_agree_with_the_config_schema():
+    from qsweep.config import LAYER_KINDS
+    from qsweep.quant.plan import KINDS
+
+    assert tuple(KINDS) == LAYER_KINDS

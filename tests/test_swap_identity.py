@@ -16,8 +16,9 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 import qsweep
-from qsweep.config import quant_recipe
+from qsweep.config import quant_recipe, shipped_recipe
 from qsweep.export import export_artifact
+from qsweep.quant.calibrate import QuantizeTimings
 from qsweep.quant.fold import fold_weight_standardization
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.quant.modules import quant_layers, quant_module_for
@@ -157,3 +158,21 @@ def test_w8a8_int_layers_compute_the_fake_quant_layers(arch, one_thread):
             torch.testing.assert_close(int_model.get_submodule(name)(inp), out, rtol=1e-5, atol=1e-5 * out.abs().max())
         program = export_artifact(qmodel, x, kernels="int").module()
         assert torch.equal(program(x), int_model(x))
+
+
+def test_cnn_w4a8_on_a_depthwise_separable_net(one_thread):
+    """cnn_w4a8: depthwise convs and the stem at 8 bits, every conv GPTQ-rounded (the depthwise ones per
+    channel), the classifier too when there are enough calibration rows. (Its quality is argued on real
+    weights: experiments/realvision.)"""
+    model, _ = build("mobilenetv3_small_100")
+    _, *batches = (torch.randn(8, 3, 33, 33, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    timings = QuantizeTimings()
+    recipe = shipped_recipe("cnn_w4a8")
+    recipe.gptq.sequential = False  # one pass for every Hessian: the sequential order is test_gptq's
+    qmodel = qsweep.quantize(model, recipe, batches, timings=timings)
+    bits = {n: m.w_bits for n, m in quant_layers(qmodel).items()}
+    assert bits["conv_stem"] == 8 and bits["blocks.1.0.conv_dw"] == 8 and bits["blocks.1.0.conv_pw"] == 4
+    assert bits["classifier"] == 4
+    gptq = timings.reconstruct["gptq"]
+    assert gptq["layers"]["blocks.1.0.conv_dw"]["error_after"] < gptq["layers"]["blocks.1.0.conv_dw"]["error_before"]
+    assert "classifier" in gptq["skipped"]  # 16 rows for 1024 columns

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from qsweep.modes import execute
+from qsweep.tracking import Recorder, unparam_key
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -82,3 +83,14 @@ def test_the_runs_table_link_names_the_experiment(tmp_path):
 
     exp = MlflowClient(store).get_experiment_by_name("qsweep")
     assert out.strip() == f"runs of experiment 'qsweep': http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+
+
+@pytest.mark.parametrize("key", ["quant.layers.blocks.0.*.w_bits", "quant.layers.@depthwise.w_bits",
+                                 "quant.layers.features.[0-3]*.a_bits", "a-b c/d:e", "x-2D-y"])
+def test_any_config_key_is_an_mlflow_param_key_reversibly(tmp_path, key):
+    rec = Recorder(f"sqlite:///{tmp_path}/mlflow.db", "keys")
+    run_id = rec.start("r", {})
+    rec.log_params({key: 1})
+    rec.finish()
+    (logged,) = rec.get_run(run_id).data.params
+    assert unparam_key(logged) == key

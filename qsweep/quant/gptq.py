@@ -298,6 +298,12 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
                 if name not in hessians:
                     skipped[name] = "not called on the calibration samples"
                     continue
+                rows, cols = hessians[name].rows, hessians[name].h.shape[-1]
+                if rows < cols:  # a rank-deficient Hessian: GPTQ would fit the calibration inputs, not the data
+                    skipped[name] = (f"{rows} calibration input rows for {cols} weight columns (a classifier sees "
+                                     "one row per image): more samples, quant.gptq.num_samples, would round it")
+                    del hessians[name]
+                    continue
                 w = float_weight(model, name, layer, float_weights)
                 layers[name] = _round_layer(name, layer, w, hessians.pop(name), cfg)
                 if name in finishing:

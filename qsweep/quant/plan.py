@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import Linear as TimmLinear
@@ -55,6 +55,26 @@ class LayerPlan:
 def matches(name: str, pattern: str) -> bool:
     """A glob matches a module and, like a path prefix, everything inside it (``blocks.9``)."""
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+# Layer kinds a recipe can name in quant.layers / quant.skip instead of a glob, so that one recipe fits any
+# CNN (a depthwise conv is `conv_dw` in timm, `features.2.conv.1.0` in torchvision). A model without such a
+# layer is no error: the recipe simply has nothing to say about it.
+KINDS: dict[str, Callable[[str, nn.Module, list[str]], bool]] = {
+    "@depthwise": lambda name, module, names: _is_depthwise(module),
+    "@first": lambda name, module, names: name == names[0],  # the stem, in module order
+    "@last": lambda name, module, names: name == names[-1],  # the classifier, in module order
+}
+
+
+def selects(pattern: str, name: str, module: nn.Module, names: list[str]) -> bool:
+    """``pattern`` (a glob or a :data:`KINDS` name) selects module ``name`` among the quantizable ``names``."""
+    kind = KINDS.get(pattern)
+    return kind(name, module, names) if kind is not None else matches(name, pattern)
 
 
 def _unmatched(key: str, pattern: str, candidates: list[str], all_names: list[str]) -> ConfigError:
@@ -111,7 +131,8 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
 
     ``skip`` globs leave modules in float; ``layers`` overrides apply in the order written, a
     later glob overriding an earlier one. A glob that matches nothing is an error, since a typo
-    there silently changes what is measured.
+    there silently changes what is measured. :data:`KINDS` (``@depthwise``, ``@first``, ``@last``)
+    select layers by what they are.
     """
     all_names = [n for n, _ in model.named_modules() if n]
     candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
@@ -122,24 +143,23 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     skips = list(recipe.skip or [])
     overrides = OmegaConf.to_container(recipe.layers, resolve=True) if isinstance(recipe.layers, DictConfig) else dict(recipe.layers or {})
 
-    for pattern in skips:
-        if not any(matches(n, pattern) for n in candidates):
-            raise _unmatched("quant.skip", pattern, candidates, all_names)
-    for pattern in overrides:
-        if not any(matches(n, pattern) for n in candidates):
-            raise _unmatched("quant.layers", pattern, candidates, all_names)
+    modules = dict(model.named_modules())
+    for key, patterns in (("quant.skip", skips), ("quant.layers", overrides)):
+        for pattern in patterns:
+            if pattern not in KINDS and not any(matches(n, pattern) for n in candidates):
+                raise _unmatched(key, pattern, candidates, all_names)
 
     unreached = left_float(model)
     for name, why in unreached.items():
         log.warning("left %s in float: %s", name, why)
     plan: dict[str, LayerPlan] = {}
     for name in candidates:
-        if name in unreached or any(matches(name, p) for p in skips):
+        if name in unreached or any(selects(p, name, modules[name], candidates) for p in skips):
             continue
         weight: TensorQuantConfig | None = base_w
         act: TensorQuantConfig | None = base_a if base_a.bits is not None else None
         for pattern, override in overrides.items():
-            if matches(name, pattern):
+            if selects(pattern, name, modules[name], candidates):
                 weight, act = _apply_override(weight, act, base_w, base_a, override)
         if weight is not None or act is not None:
             plan[name] = LayerPlan(name=name, weight=weight, act=act)
