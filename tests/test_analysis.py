@@ -133,7 +133,8 @@ def test_sensitivity_rows_low_bits_hurt(digits, digits_w2_w8):
     assert set(rows[0]) == {"name", "params", "w_bits", "a_bits", "top1", "drop", "output_sqnr_db", "weight_sqnr_db"}
     assert all(r["w_bits"] == 2 and r["a_bits"] == 8 for r in rows)
     assert rows[0]["params"] == model.get_submodule(rows[0]["name"]).weight.numel()
-    assert max(r["drop"] for r in rows) >= 1.0
+    # Some layer at 2 bits costs more than any at 8 (how much depends on the trained weights: 1.8-4.2 points).
+    assert max(r["drop"] for r in rows) > max(r["drop"] for r in w8["rows"])
     assert all(math.isfinite(r["output_sqnr_db"]) for r in rows)
     for r in rows:
         assert r["top1"] == pytest.approx(w2["fp_top1"] - r["drop"])

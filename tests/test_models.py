@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -57,10 +56,8 @@ def test_digits_vit_second_load_hits_cache(digits_bundle, digits_vit, qsweep_cac
     assert path.is_file() and not [p for p in qsweep_cache.iterdir() if ".tmp" in p.name]
     meta = cached_metadata(digits_bundle, qsweep_cache)
     assert float(meta["test_acc"]) >= 0.95 and meta["data"] == digits_bundle.fingerprint
-    start = time.perf_counter()
     again = load_digits_vit(digits_bundle, qsweep_cache, progress=False)
-    assert time.perf_counter() - start < 2.0
-    assert again.qsweep_source == "cache" and not again.training
+    assert again.qsweep_source == "cache" and not again.training  # loaded, not retrained (no timing: busy CPUs)
     ref = digits_vit.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in again.state_dict().items())
 
