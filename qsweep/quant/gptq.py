@@ -248,6 +248,15 @@ def _round_layer(name: str, layer: QuantLayer, w_view: torch.Tensor, hessian: He
             "seconds": time.perf_counter() - start}
 
 
+def _rank_deficient(hessian: Hessian) -> str | None:
+    """Why GPTQ would fit the calibration inputs rather than the data (fewer rows than columns), or None."""
+    rows, cols = hessian.rows, hessian.h.shape[-1]
+    if rows >= cols:
+        return None
+    return (f"{rows} calibration input rows for {cols} weight columns (a classifier sees one row per image): "
+            "more samples, quant.gptq.num_samples, would round it")
+
+
 def _finishing(order: list[str], layers: Mapping[str, QuantLayer], blocks: Mapping[str, nn.Module]
                ) -> dict[str, tuple[str, nn.Module]]:
     """Layer -> (name, module) whose every layer is rounded once that layer is: the layer itself
@@ -272,8 +281,7 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
     start = time.perf_counter()
     cfg = merge_config(GPTQConfig, cfg, "quant.gptq", validate_gptq)
     weighted = weighted_layers(model)
-    skipped: dict[str, str] = {}
-    todo = dict(weighted)
+    todo, skipped = dict(weighted), {}
     missing = [name for name in todo if name not in float_weights]
     if missing:
         raise ReconstructionError(f"quant.gptq: no float weights for {missing[:3]}; run GPTQ through qsweep.quantize "
@@ -295,14 +303,9 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
             hessians = collector.collect(group, stop)
             hessian_s += time.perf_counter() - t
             for name, layer in group.items():
-                if name not in hessians:
-                    skipped[name] = "not called on the calibration samples"
-                    continue
-                rows, cols = hessians[name].rows, hessians[name].h.shape[-1]
-                if rows < cols:  # a rank-deficient Hessian: GPTQ would fit the calibration inputs, not the data
-                    skipped[name] = (f"{rows} calibration input rows for {cols} weight columns (a classifier sees "
-                                     "one row per image): more samples, quant.gptq.num_samples, would round it")
-                    del hessians[name]
+                why = _rank_deficient(hessians[name]) if name in hessians else "not called on the calibration samples"
+                if why:
+                    skipped[name] = why
                     continue
                 w = float_weight(model, name, layer, float_weights)
                 layers[name] = _round_layer(name, layer, w, hessians.pop(name), cfg)
