@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep.errors import QsweepError
+from qsweep.names import folder_name
 
 
 def unique_dir(base: str) -> str:
@@ -35,6 +36,8 @@ def unique_dir(base: str) -> str:
 # conf/config.yaml names hydra.run.dir / hydra.sweep.dir through it; registered before Hydra composes.
 # Cached: a multirun's jobs resolve the sweep folder again and must get the one created first.
 OmegaConf.register_new_resolver("qsweep.unique_dir", unique_dir, use_cache=True, replace=True)
+# The folders' last part: `name`, or a placeholder when validation will refuse it (qsweep.names.folder_name).
+OmegaConf.register_new_resolver("qsweep.folder_name", folder_name, replace=True)
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -8,7 +8,6 @@ model or dataset is touched. Errors name the key, the bad value and what is allo
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qsweep import score
-from qsweep.errors import QsweepError
+from qsweep.errors import ConfigError
+from qsweep.names import CONF_DIR, validate_output_names
 
 # The names qsweep.quant.observers implements (OBSERVERS there; tests/test_architecture.py checks they agree).
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl", "sigma", "iqr", "auto")
@@ -48,10 +48,6 @@ SAMPLERS = ("tpe", "random", "nsga2")
 OBJECTIVES = ("score", "pareto")
 SEARCH_GROUPS = ("layer", "block", "type")
 PRUNERS = ("bound", "median", "none")
-
-
-class ConfigError(QsweepError):
-    """A configuration value is not allowed. The message names the key, value and choices."""
 
 
 @dataclass
@@ -218,6 +214,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     source: str = "timm"  # timm (incl. digits_vit) | hf: a local Hugging Face image classifier in `path`
     path: Optional[str] = None  # source=hf: directory holding config.json and the weights
+    # source=hf, false: load weights that lack some of the model's tensors or hold others (named in a warning
+    # and in the weights tag); true: that is an error. A tensor of the wrong shape is an error either way.
+    strict: bool = True
 
 
 @dataclass
@@ -340,7 +339,8 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 def _in_range(key: str, value: Any, lo: float, hi: float, what: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ConfigError(f"{key}={value!r} is not allowed; {what or f'must be in [{lo}, {hi}]'}")
+        bounds = f"must be in [{lo}, {hi}]"  # stated always: `what` may speak of the lower bound only
+        raise ConfigError(f"{key}={value!r} is not allowed; {f'{what} ({bounds})' if what else bounds}")
 
 
 def _bits(key: str, value: Any, bounds: tuple[int, int], allow_float: bool) -> None:
@@ -553,34 +553,15 @@ def quant_recipe(recipe: Any) -> DictConfig:
     return cfg
 
 
-# What a run writes into its output directory besides the artifact (app, search, Hydra).
-RUN_OUTPUTS = ("config.yaml", "result.json", "layers.csv", "analysis", "search.json", "trials.csv", "pareto.png",
-               "layout_heatmap.png", "history.png", "best", ".hydra", "__main__.log")
-
-
-def validate_export_filename(name: Any) -> None:
-    """``export.filename``: a plain file name in the run directory that no other output of the run uses."""
-    key = "export.filename"
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{key}={name!r} is not allowed; give a file name such as quantized.pt2")
-    if name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"{key}={name!r} is not allowed; it must be a plain file name (no directories), "
-                          "written into the run's output directory")
-    taken = {out.casefold() for out in RUN_OUTPUTS}
-    if name.casefold() in taken:
-        raise ConfigError(f"{key}={name!r} is not allowed; the run writes its own {name} there "
-                          f"(reserved names: {', '.join(RUN_OUTPUTS)})")
-    if name.casefold().endswith(".pte"):
-        raise ConfigError(f"{key}={name!r} is not allowed; <name>.pte is where export.pte=true writes the "
-                          "ExecuTorch program beside the artifact (use e.g. quantized.pt2)")
-
-
 def validate_model_source(model: Any) -> None:
     """``model.source`` / ``model.path``: an HF model needs a local directory with a config.json."""
     import os
 
     _choice("model.source", model.source, MODEL_SOURCES)
     if model.source != "hf":
+        if not model.strict:
+            raise ConfigError(f"model.strict=false is not allowed with model.source={model.source}: it applies to "
+                              "Hugging Face folders (model.source=hf); a model.checkpoint must match the model exactly")
         return
     path = model.path
     if not path or not os.path.isfile(os.path.join(os.path.expanduser(str(path)), "config.json")):
@@ -600,6 +581,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     data = data_config(plain.pop("data", {}))
     out = _structured(RootConfig, plain, "")
     out.data = data
+    validate_output_names(out)  # first: Hydra has already made a run folder of `name`
     validate_quant(out.quant)
     _choice("score.name", out.score.name, SCORES)
     _choice("model.weights", out.model.weights, WEIGHT_SOURCES)
@@ -607,7 +589,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("device", out.device, DEVICES)
     _choice("mode", out.mode, MODES)
     _choice("eval.backend", out.eval.backend, BACKENDS)
-    validate_export_filename(out.export.filename)
     _choice("export.kernels", out.export.kernels, EXPORT_KERNELS)
     if out.export.enabled and out.eval.backend not in ("auto", out.export.kernels):
         # The reported accuracy must be the artifact's own computation (checked after export).
@@ -624,7 +605,6 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 
 SCHEMA = "qsweep_schema"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def shipped_recipe(name: str) -> DictConfig:

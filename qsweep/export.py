@@ -81,13 +81,16 @@ def export_artifact(qmodel: nn.Module, example: torch.Tensor, max_batch: int | N
 def export_program(qmodel: nn.Module, example: torch.Tensor, path: str | Path, kernels: str = "fake") -> Path:
     """Save the artifact form with ``torch.export.save``; the batch dimension is dynamic.
 
-    The disk must hold the weights' size first (a full disk would fail deep in torch's writer);
-    the file appears under ``path`` only once complete.
+    The disk must hold the weights' size first; the file appears under ``path`` only once complete.
+    The archive is built in memory and written by Python: torch's own file writer, once a write
+    failed (disk full, file-size limit), throws again when it is destroyed and aborts the process.
     """
     path = Path(path)
     ensure_space(path, artifact_size_mb(qmodel, kernels))
     program = export_artifact(qmodel, example, kernels=kernels)
-    return atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(archive.getbuffer()))
 
 
 def export_pte(qmodel: nn.Module, example: torch.Tensor, path: str | Path, max_batch: int = 16) -> Path:

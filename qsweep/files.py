@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -14,6 +15,9 @@ from qsweep.errors import QsweepError
 SPACE_MARGIN_MB = 16.0
 # How torch's C++ zip writer reports a full disk or a file-size limit: never with errno's words.
 _TORCH_WRITE_FAILURES = ("iostream error", "inline_container.cc", "file write failed")
+# What a user can do about the errors a write fails with when the file cannot grow.
+_WRITE_HINTS = {errno.EFBIG: "over this process's file-size limit (ulimit -f)",
+                errno.ENOSPC: "free some space or write elsewhere (hydra.run.dir=...)"}
 
 
 class OutputError(QsweepError):
@@ -73,7 +77,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         except FileNotFoundError:
             pass
         if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            hint = f" ({_WRITE_HINTS[exc.errno]})" if exc.errno in _WRITE_HINTS else ""
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}{hint}") from None
         if isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _TORCH_WRITE_FAILURES):
             raise OutputError(f"cannot write {path}: the write failed ({exc}); {free_mb(path.parent):.1f} MB "
                               f"free on its disk") from None

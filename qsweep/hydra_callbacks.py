@@ -9,9 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-
-# qsweep.app writes it into a run's folder when the run fails or is killed.
-FAILED_FILE = "error.txt"
+from qsweep.names import FAILED_FILE
 
 
 def _sweep_recorder(config: DictConfig):
@@ -20,6 +18,12 @@ def _sweep_recorder(config: DictConfig):
     from qsweep.tracking import Recorder  # MLflow is heavy: only multiruns that record pay for it
 
     return Recorder.for_project(config.tracking.uri, config.tracking.experiment, Path.cwd())
+
+
+def _reason(path: Path, limit: int = 300) -> str:
+    """The start of a failure marker as text, whatever bytes it holds."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode("utf-8", "replace").strip()
 
 
 class SweepOutcome(Callback):
@@ -46,7 +50,7 @@ class SweepOutcome(Callback):
         failed = sorted(job for job in jobs if (job / FAILED_FILE).exists())
         failed_jobs = len(failed)
         if failed:
-            reasons = "\n".join(f"  {job}: {(job / FAILED_FILE).read_text().strip()[:300]}" for job in failed)
+            reasons = "\n".join(f"  {job}: {_reason(job / FAILED_FILE)}" for job in failed)
             print(f"qsweep: error: {len(failed)} of {len(jobs)} jobs of the multirun in {sweep} failed:\n{reasons}",
                   file=sys.stderr, flush=True)
 

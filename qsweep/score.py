@@ -23,9 +23,10 @@ def relative(size_mb: float, acc: float, fp_size_mb: float, fp_acc: float,
 
     A model at x % of its FP32 size scores like DeiT-S at x % of ``ref_size_mb``, and at y % of
     its FP accuracy like DeiT-S at y % of ``ref_acc``; so the embedded digits model's scores
-    mean what they would on the lab's task.
+    mean what they would on the lab's task. A float model that gets nothing right (random weights)
+    gives no accuracy scale: no accuracy points.
     """
-    return lab4(size_mb * ref_size_mb / fp_size_mb, acc * ref_acc / fp_acc)
+    return lab4(size_mb * ref_size_mb / fp_size_mb, acc * ref_acc / fp_acc if fp_acc > 0 else 0.0)
 
 
 SCORES = {

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from qsweep import rdb
 from qsweep.errors import QsweepError
 from qsweep.locks import file_lock
 
@@ -84,10 +85,13 @@ def git_commit(project_dir: Path) -> str:
 
 
 def process_token(pid: int) -> str | None:
-    """``pid`` plus its start time (Linux), so a reused pid is not mistaken for the process; None if gone."""
+    """``pid`` plus its start time (Linux), so a reused pid is not mistaken for the process; None if gone.
+
+    A zombie (killed, not yet waited for by its parent) is gone: it runs nothing any more.
+    """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else f"{pid}:{fields[19]}"
     except FileNotFoundError:
         return None
     except OSError:  # no /proc (macOS): the pid alone
@@ -100,8 +104,26 @@ def process_token(pid: int) -> str | None:
         return str(pid)
 
 
+def own_process() -> str:
+    """This process's :func:`process_token` (the pid alone where there is no /proc)."""
+    return process_token(os.getpid()) or str(os.getpid())
+
+
+def process_gone(token: str) -> bool:
+    """Whether the process of a :func:`process_token` on this host has ended (a reused pid counts as ended)."""
+    pid = token.split(":")[0]
+    return pid.isdigit() and process_token(int(pid)) != token
+
+
 def probe(uri: str) -> None:
-    """Fail fast, naming ``tracking.uri``, if an HTTP tracking server does not answer within seconds."""
+    """Fail fast, naming ``tracking.uri``, if a tracking server or database does not answer within seconds.
+
+    An HTTP server gets :data:`PROBE_TIMEOUT_S`, a database server :data:`qsweep.rdb.CONNECT_TIMEOUT_S`:
+    MLflow's own connections to a database set no timeout, so a silent server is caught here.
+    """
+    if rdb.is_server_url(uri):
+        _probe_database(uri)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -111,6 +133,14 @@ def probe(uri: str) -> None:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"tracking.uri={uri!r} cannot be reached ({reason}; waited {PROBE_TIMEOUT_S:g} s); "
+                            f"start the server, fix the URI, or run without it: tracking.enabled=false") from None
+
+
+def _probe_database(uri: str) -> None:
+    try:
+        rdb.probe(uri)
+    except Exception as exc:  # sqlalchemy raises many kinds: driver missing, refused, silent, auth
+        raise TrackingError(f"tracking.uri={rdb.redact(uri)!r} cannot be reached: {rdb.failure_reason(exc, uri)}; "
                             f"start the server, fix the URI, or run without it: tracking.enabled=false") from None
 
 
@@ -173,7 +203,7 @@ class Recorder:
     @staticmethod
     def owner_tags() -> dict[str, str]:
         """This host and process: the reaper's test of whether a RUNNING run's process still lives."""
-        return {"qsweep.host": HOST, "qsweep.process": process_token(os.getpid()) or str(os.getpid())}
+        return {"qsweep.host": HOST, "qsweep.process": own_process()}
 
     def reap_dead_runs(self) -> list[str]:
         """Mark KILLED the RUNNING runs of this experiment whose process on this host is gone (SIGKILL, power loss)."""
@@ -182,8 +212,8 @@ class Recorder:
         reaped = []
         for run in found:
             token = run.data.tags.get("qsweep.process", "")
-            pid = token.split(":")[0]
-            if pid.isdigit() and process_token(int(pid)) != token:
+            if process_gone(token):
+                pid = token.split(":")[0]
                 self.client.set_tag(run.info.run_id, "error", f"its process ({HOST}:{pid}) is gone: it was killed")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 reaped.append(run.info.run_id)

@@ -7,18 +7,22 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qsweep.config import ConfigError, validate, validate_export_filename
+from qsweep.config import ConfigError, validate
+from qsweep.names import validate_export_filename
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.mark.parametrize("name, message", [
-    ("", "give a file name"),
-    ("   ", "give a file name"),
-    ("../x.pt2", "plain file name"),
-    ("a/b.pt2", "plain file name"),
-    ("..", "plain file name"),
-    ("dir\\x.pt2", "plain file name"),
+    ("", "it is empty"),
+    ("   ", "it is empty"),
+    ("../x.pt2", "'..' leads out"),
+    ("a/b.pt2", "path separator"),
+    ("..", "'..' leads out"),
+    ("dir\\x.pt2", "path separator"),
+    ("x" * 201 + ".pt2", "longer than 200 bytes"),
+    ("error.txt", "writes its own error.txt"),
+    ("__main__.log", "writes its own __main__.log"),
     ("layers.csv", "writes its own layers.csv"),
     ("result.json", "writes its own result.json"),
     ("Config.YAML", "writes its own Config.YAML"),

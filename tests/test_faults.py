@@ -141,6 +141,34 @@ def test_a_failed_write_names_the_file_and_leaves_nothing_under_its_name(tmp_pat
     assert list(tmp_path.iterdir()) == []  # neither a truncated artifact nor a temp file
 
 
+# ``python -m qsweep ARGS`` under a file-size limit: a write past it fails with EFBIG, as on a full disk.
+# Set here and exec'd (the limit and the ignored signal carry over): no code runs between fork and exec.
+UNDER_FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+os.execv(sys.executable, [sys.executable, "-m", "qsweep", *sys.argv[2:]])
+"""
+
+
+def test_a_write_failing_mid_artifact_is_exit_1_with_the_error_not_an_abort(tmp_path, digits_vit):
+    uri, run_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+    Recorder(uri, "qsweep")  # the store exists before the limit: the run only adds its records to it
+    limit = (tmp_path / "mlflow.db").stat().st_size + 512 * 1024  # room for those, not for the ~2 MB artifact
+    proc = subprocess.run([sys.executable, "-c", UNDER_FILE_SIZE_LIMIT, str(limit), f"hydra.run.dir={run_dir}",
+                           f"tracking.uri={uri}", "progress=false"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # not -6: SIGABRT (134 in a shell) from torch at exit
+    artifact = run_dir / "quantized.pt2"
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("qsweep: error:")]
+    assert line.startswith(f"qsweep: error: cannot write {artifact}: ") and "file-size limit" in line
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+    (run,) = runs_of(uri)[1]
+    assert run.info.status == "FAILED" and f"cannot write {artifact}" in run.data.tags["error"]
+    assert f"cannot write {artifact}" in (run_dir / FAILED_FILE).read_text()
+    assert not artifact.exists() and not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
 def test_checks_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -34,3 +34,13 @@ def test_two_runs_composed_at_once_get_different_folders(tmp_path, monkeypatch):
         assert path.startswith("outputs/") and path.split("/")[-1].split("-")[3] == "default"
         assert (tmp_path / path).is_dir()
     assert all(p.startswith("multirun/") and (tmp_path / p).is_dir() for p in (sweep_a, sweep_b))
+
+
+def test_a_name_that_would_leave_outputs_gets_a_placeholder_folder(tmp_path, monkeypatch):
+    """Hydra makes the folder before validation refuses the name (tests/test_hostile_inputs.py): it stays in outputs/."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["name=../../../escaped"], return_hydra_config=True)
+    run_dir = Path(cfg.hydra.run.dir)
+    assert run_dir.parent.parent == Path("outputs") and run_dir.name.endswith("-refused-name")
+    assert (tmp_path / run_dir).is_dir() and not (tmp_path.parent / "escaped").exists()

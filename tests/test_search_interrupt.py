@@ -1,8 +1,11 @@
-"""A search that is interrupted, or started twice at once on a new storage, loses nothing and leaves no run RUNNING."""
+"""A search that is interrupted, or started twice at once on a new storage, or whose worker died, loses nothing
+and leaves no run RUNNING."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,9 +18,10 @@ from optuna.trial import TrialState
 import qsweep.search.study
 from qsweep.modes import execute
 from qsweep.config import RootConfig
+from qsweep.search.retries import OWNER, claim, claim_retry, fail_dead_trials
 from qsweep.search.storage import open_storage
 from qsweep.search.study import open_study, work
-from qsweep.tracking import NullRecorder
+from qsweep.tracking import HOST, NullRecorder, process_gone, process_token
 from test_search import compose_search, study_of
 
 
@@ -107,3 +111,52 @@ def test_an_interrupted_search_retries_its_layout_and_its_runs_say_so(tmp_path, 
     assert done.number == retry.number and set(done.params.values()) == {8}
     assert done.user_attrs["seed"] == "warm start" and study.trials[1].state == TrialState.WAITING
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def ended_process() -> str:
+    """The :func:`process_token` of a process that has ended."""
+    proc = subprocess.Popen(["sleep", "600"])
+    token = process_token(proc.pid)
+    proc.kill()
+    proc.wait()
+    return token
+
+
+def test_a_killed_process_not_yet_waited_for_is_gone():
+    proc = subprocess.Popen(["sleep", "600"])
+    token = process_token(proc.pid)
+    assert not process_gone(token)
+    proc.kill()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, still a zombie: its parent has not waited
+    assert process_gone(token)
+    proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_dead_workers_trial_is_failed_and_retried_once_however_many_workers_sweep(tmp_path, kind, monkeypatch):
+    spec = f"journal:{tmp_path}/study.log" if kind == "journal" else f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(spec, tmp_path, heartbeat_s=10, retries=1),
+                                direction="maximize")
+    # another worker's view of the study, taken before this one swept it: it sees the dead trial RUNNING too
+    other = optuna.load_study(study_name="s", storage=open_storage(spec, tmp_path, heartbeat_s=10, retries=1))
+    dead, live = study.ask(), study.ask()
+    dead.suggest_int("x", 0, 9)
+    study._storage.set_trial_system_attr(dead._trial_id, OWNER, f"{HOST}/{ended_process()}")
+    claim(study, live._trial_id)  # this process: alive
+    stale_view = other.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    monkeypatch.setattr(other, "get_trials", lambda **kwargs: stale_view)
+
+    assert fail_dead_trials(study, retries=1) == [dead.number]
+    assert fail_dead_trials(other, retries=1) == []  # the storage refuses to fail it twice: no second retry
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[0].user_attrs["error"].startswith("its worker (") and "is gone" in trials[0].user_attrs["error"]
+    retry = trials[2]
+    assert retry.params == trials[0].params and retry.system_attrs["retry_history"] == [0]
+    assert OWNER not in retry.system_attrs and "error" not in retry.user_attrs
+
+    # the retry's worker dies too: search.retries=1 is used up, so it is failed and not queued again
+    taken = claim_retry(study)
+    study._storage.set_trial_system_attr(taken._trial_id, OWNER, f"{HOST}/{ended_process()}")
+    assert fail_dead_trials(study, retries=1) == [retry.number]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]

@@ -1,7 +1,8 @@
-"""Several worker processes on one study: a journal file, and a SQLite/PostgreSQL RDB where a worker dies.
+"""Several worker processes on one study (a journal file), and a worker that dies on a journal, SQLite or
+PostgreSQL storage.
 
-``make test`` runs the journal case and the kill test on SQLite; ``make test-distributed`` runs
-the kill test on a PostgreSQL server it starts on 127.0.0.1 (``QSWEEP_TEST_PG_URL``).
+``make test`` runs the shared journal study and the kill test on a journal and SQLite; ``make
+test-distributed`` runs the kill test on a PostgreSQL server it starts on 127.0.0.1 (``QSWEEP_TEST_PG_URL``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ def kill_mid_trial(tmp_path: Path, storage: str) -> None:
     run = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and f"retried as trial {retry.number}" in run.data.tags["error"]
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_trial_is_retried_journal(tmp_path, digits_vit):
+    # no heartbeat on a journal: the trial's owner process being gone is what fails it
+    storage = f"journal:{tmp_path}/study.log"
+    kill_mid_trial(tmp_path, storage)
+    (killed,) = [t for t in load(storage, study_name(tmp_path)).trials if t.state == TrialState.FAIL]
+    assert "is gone: it was killed" in killed.user_attrs["error"]
 
 
 @pytest.mark.slow

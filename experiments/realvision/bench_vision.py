@@ -9,7 +9,8 @@ through ``qsweep.quantize``, the naive round-to-nearest reference, torchao's pt2
 compares its logits with FP32's on the evaluation views (other photographs): top-1 / top-5
 agreement, KL(FP32 || quantized). ``--set KEY=VALUE`` (repeatable) overrides a key of every qsweep
 recipe run (``--set weight.observer=mse --set gptq.enabled=false``); such rows are labelled with
-the overrides. Writes ``results.json`` (merged by label with ``--only``) and ``environment.json``.
+the overrides. Each row is merged into ``results.json`` by label as soon as it is measured (rows of
+recipes no longer shipped are dropped); ``environment.json`` describes the last invocation.
 """
 
 from __future__ import annotations
@@ -132,11 +133,11 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """Top-1 / top-5 agreement with FP32 (%), top-1 agreement on the views FP32 is sure of, and the
     mean KL(FP32 || quantized) of the softmaxes."""
     label = ref.argmax(1, keepdim=True)
-    same = (out.argmax(1, keepdim=True) == label).float()[:, 0]
+    same, sure = (out.argmax(1, keepdim=True) == label).float()[:, 0], confident(ref)
     kl = (ref.softmax(1) * (ref.log_softmax(1) - out.log_softmax(1))).sum(1).mean()
     return {"top1_agreement": round(100 * same.mean().item(), 2),
             "top5_agreement": round(100 * (out.topk(5, 1).indices == label).any(1).float().mean().item(), 2),
-            "top1_agreement_confident": round(100 * same[confident(ref)].mean().item(), 2),
+            "top1_agreement_confident": round(100 * same[sure].mean().item(), 2) if sure.any() else None,
             "kl": round(kl.item(), 5)}
 
 
@@ -194,6 +195,10 @@ def run_row(row: Row, s: Setup) -> dict:
     return rec
 
 
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} %"
+
+
 def table(results: list[dict]) -> str:
     lines = ["| row | W | A | top-1 agree | top-5 agree | top-1 agree, confident | KL(FP32 \\|\\| q) | "
              "worst layer weight SQNR dB | size MB | quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -203,12 +208,12 @@ def table(results: list[dict]) -> str:
         w = f"{r['w_bits'] or '-'}" + (f" (avg {avg:.2f})" if mixed else "")
         head = f"| {r['label']} | {w} | {r['a_bits'] or 'f'} |"
         if r["error"]:
-            lines.append(f"{head} n/a: {r['error'][:140]} | | | | | | |")
+            lines.append(f"{head} n/a: {' '.join(r['error'].split())[:140]} | | | | | | |")
             continue
         sqnr = f"{r['min_layer_sqnr_db']:.1f} ({r['min_layer']})" if r["min_layer"] else "-"
         size = f"{r['size_mb']:.2f}" if r["size_mb"] is not None else "-"
         lines.append(f"{head} {r['top1_agreement']:.1f} % | {r['top5_agreement']:.1f} % | "
-                     f"{r['top1_agreement_confident']:.1f} % | {r['kl']:.4f} | "
+                     f"{pct(r['top1_agreement_confident'])} | {r['kl']:.4f} | "
                      f"{sqnr} | {size} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -288,22 +293,20 @@ def main() -> None:
           f"{len(info['eval_photos'])} evaluation photos ({info['eval_views']} views, "
           f"{info['confident_views']} with FP32 p >= {CONFIDENT}); "
           f"FP32 ready in {time.perf_counter() - wall:.0f} s", flush=True)
-    results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ran = [r.label for r in selected]
+    order = [r.label for r in rows()] + [label for label in ran if label not in {r.label for r in rows()}]
     for i, row in enumerate(selected, 1):
         start = time.perf_counter()
         rec = run_row(row, setup)
         rec["git_commit"], rec["qsweep_modified"] = git_state()
-        results.append(rec)
+        # Merged into --out after every row (by label, table order): a killed run keeps what it measured.
+        real.write_json(args.out, real.merge(args.out, [rec], order))
         status = (f"n/a: {rec['error']}" if rec["error"] else
                   f"top1 {rec['top1_agreement']:.1f} %  top5 {rec['top5_agreement']:.1f} %  KL {rec['kl']:.4f}")
         print(f"[{i}/{len(selected)}] {row.label:<40} {time.perf_counter() - start:6.1f} s  {status}", flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    ran = [r["label"] for r in results]
-    if args.only or args.overrides:
-        order = [r.label for r in rows()] + [label for label in ran if label not in {r.label for r in rows()}]
-        results = real.merge(args.out, results, order)
-    real.write_json(args.out, results)
+    results = json.loads(args.out.read_text())
     env = environment(args.threads, info)
     env["rows_run"] = ran if args.only or args.overrides else "all"
     env["wall_seconds"] = round(time.perf_counter() - wall, 1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,8 @@ from qsweep.quant.fold import fold_batchnorm
 from qsweep.quant.modules import QuantLayer, quant_module_for
 from qsweep.quant.plan import resolve_plan
 from qsweep.quant.quantizer import CalibrationError, sqnr_db
+
+log = logging.getLogger(__name__)
 
 SCHEMA = 1
 DEFAULT_SQNR_IMAGES = 1024
@@ -229,14 +232,43 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "sensitivity" / f"{key}.json"
 
 
-def load_sensitivity(path: str | Path) -> dict[str, Any] | None:
-    """The cached document at ``path``, or None if missing, unreadable or of another schema."""
+def _row_problem(row: Any) -> str | None:
+    """Why ``row`` is not a measured sensitivity row, or None (an SQNR may be infinite, never NaN)."""
+    if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+        return f"a row is {row!r}"
+    numbers = {k: row.get(k) for k in ("top1", "drop", "output_sqnr_db", "weight_sqnr_db")}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in numbers.values()):
+        return f"row {row['name']!r} holds a missing or NaN value: {numbers}"
+    if not (0 <= numbers["top1"] <= 100 and math.isfinite(numbers["drop"])):
+        return f"row {row['name']!r} holds a top-1 outside [0, 100] or an infinite drop: {numbers}"
+    return None
+
+
+def _document_problem(doc: Any, key: str | None) -> str | None:
+    """Why ``doc`` is not a trustworthy cache document for ``key``, or None."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("rows"), list):
+        return f"not a schema-{SCHEMA} document with rows"
+    if key is not None and doc.get("key") != key:
+        return "it belongs to another model, data set or recipe"
+    return next(filter(None, map(_row_problem, doc["rows"])), None)
+
+
+def load_sensitivity(path: str | Path, key: str | None = None) -> dict[str, Any] | None:
+    """The cached document at ``path`` (for ``key`` if given), or None if missing or not trustworthy.
+
+    A document that is there but unreadable, of another schema or key, or holding NaN or
+    out-of-range values is ignored with a warning, and so measured again.
+    """
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        problem = _document_problem(doc, key)
+    except FileNotFoundError:
         return None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("rows"), list):
+    except (OSError, ValueError) as exc:
+        problem = f"it is unreadable ({exc})"
+    if problem:
+        log.warning("ignoring the cached sensitivity %s: %s; measuring it again", path, problem)
         return None
     return doc
 
@@ -252,7 +284,7 @@ def sensitivity(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], loa
     """
     path = cache_path(cache_dir, key) if cache_dir is not None and key is not None else None
     if path is not None:
-        doc = load_sensitivity(path)
+        doc = load_sensitivity(path, key)
         if doc is not None:
             return doc["rows"]
     doc = compute_sensitivity(model, recipe, calib_batches, loader, num_classes, w_bits=w_bits, a_bits=a_bits,

@@ -62,6 +62,9 @@ def _positive_int(key: str, value, minimum: int = 1) -> int:
 # array of raw pointers (reading it segfaults), and dtype.__setstate__ rewrites a dtype's layout.
 
 _NUMERIC_KINDS = "biuf"  # bool, signed / unsigned integer, float
+# Objects _build may visit in one file. A pickle can reference one object many times, so a few hundred
+# bytes can describe a list that expands to 2**30 copies; the real train file holds ~150,000 objects.
+MAX_NODES = 1_000_000
 
 
 class _Call:
@@ -157,12 +160,27 @@ def _array(raw, dtype: np.dtype, shape, fortran: bool) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C").copy()
 
 
-def _build(obj):
+class _Budget:
+    """Counts the objects :func:`_build` visits in ``path``; a file describing more than ``limit`` is refused."""
+
+    def __init__(self, path: Path, limit: int = MAX_NODES):
+        self.path, self.limit, self.left = path, limit, limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise DataFileError(f"refusing to load CIFAR-100 file {self.path}: it describes more than {self.limit} "
+                                "objects (shared references expanding into copies), which no CIFAR-100 file does; "
+                                "the file is not genuine CIFAR-100 data, do not use it")
+
+
+def _build(obj, budget: _Budget):
     """``obj`` with every recorded numpy call replaced by the checked array or scalar it describes."""
+    budget.spend()
     if isinstance(obj, dict):
-        return {_build(k): _build(v) for k, v in obj.items()}
+        return {_build(k, budget): _build(v, budget) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_build(v) for v in obj)
+        return type(obj)(_build(v, budget) for v in obj)
     if not isinstance(obj, _Call):
         return obj
     if obj.func == "reconstruct":  # numpy's ndarray.__reduce__: _reconstruct(ndarray, ...) then BUILD
@@ -191,7 +209,7 @@ def read_cifar_pickle(path: str | Path) -> dict:
     except OSError as exc:
         raise DataFileError(f"cannot read CIFAR-100 file {path}: {exc}") from None
     try:
-        obj = _build(_ArrayUnpickler(io.BytesIO(raw), path).load())
+        obj = _build(_ArrayUnpickler(io.BytesIO(raw), path).load(), _Budget(path))
     except DataFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file

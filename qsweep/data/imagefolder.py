@@ -8,11 +8,14 @@ Eval transform (the usual ImageNet one): bilinear resize of the shorter side to
 ImageNet mean/std. Any aspect ratio works with this resize-then-crop, so non-square images
 are fine; an aspect ratio beyond 4:1 is refused (naming the file), since a crop of the
 middle of such an image is not what the model was trained on and it is almost always a
-stray file (a banner, a strip). Images must be 3-channel RGB: grayscale (``L``), ``RGBA``,
-``CMYK``, palette (``P``) ... are refused naming the file and mode, unless
-``data.convert_rgb=true`` converts them on load. The first few files of every class are
-checked up front (header only, cheap); every image is checked again when it is loaded.
-Calibration draws from ``train/`` with the same transform.
+stray file (a banner, a strip); so is a header declaring more pixels than PIL's bomb limit.
+Images must be 3-channel RGB: grayscale (``L``), ``RGBA``, ``CMYK``, palette (``P``) ... are
+refused naming the file and mode, unless ``data.convert_rgb=true`` converts them on load. The
+first few files of every class are checked up front (header only, cheap); every image is
+checked again when it is loaded.
+Symlinks are followed once: a link that cannot be opened, or a folder reached twice (a loop
+such as ``val/b/up -> val``), is refused before the folders are indexed, and the index must hold
+exactly the image files found. Calibration draws from ``train/`` with the same transform.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from qsweep.config import ConfigError
 from qsweep.data.bundle import DataBundle
@@ -35,6 +39,9 @@ MAX_ASPECT = 4.0
 CHECK_PER_CLASS = 5  # files per class (per split) checked when the bundle is built
 EVAL_SPLITS = ("val", "test")
 PREPROCESS_VERSION = 1
+# How a file that is not a usable image fails in PIL (DecompressionBombError: a header declaring more than
+# twice Image.MAX_IMAGE_PIXELS; check_image refuses anything over it once).
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
 def _layout(root) -> str:
@@ -62,6 +69,9 @@ def folder_transform(image_size: int = IMAGE_SIZE, crop_pct: float = CROP_PCT):
 def check_image(image: Image.Image, path, convert_rgb: bool = False) -> None:
     """Raise :class:`DataFileError` naming ``path`` if ``image`` is not usable as model input."""
     w, h = image.size
+    if w * h > Image.MAX_IMAGE_PIXELS:
+        raise DataFileError(f"image {path} declares {w}x{h} = {w * h} pixels, more than PIL's limit of "
+                            f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb or a damaged header); remove this file")
     if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
         raise DataFileError(
             f"image {path} is {w}x{h} (aspect ratio {max(w, h) / max(min(w, h), 1):.1f}:1); images may be "
@@ -89,7 +99,7 @@ class RGBLoader:
                 image.load()
         except DataFileError:
             raise
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except READ_ERRORS as exc:
             raise DataFileError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
         return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -100,12 +110,64 @@ def _check_header(path: str, convert_rgb: bool) -> None:
             check_image(image, path, convert_rgb)
     except DataFileError:
         raise
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except READ_ERRORS as exc:
         raise DataFileError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
 
 
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as exc:
+        raise DataFileError(f"image folder {folder} cannot be listed ({exc.strerror or exc})") from None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link to itself: not a folder (os.walk's view); _check_file names it if it is an image
+        return False
+
+
+def _check_file(path: str) -> None:
+    """An image file (or the link naming it) must lead to a regular file: not itself, not nowhere."""
+    try:
+        is_file = os.path.isfile(os.path.realpath(path, strict=True))
+    except OSError as exc:
+        raise DataFileError(f"image {path} cannot be opened ({exc.strerror or exc}): a symlink to itself, a "
+                            "symlink loop or a broken link; remove it") from None
+    if not is_file:
+        raise DataFileError(f"image {path} is not a regular file; remove it")
+
+
+def _count_images(split_dir: Path) -> int:
+    """The image files under ``split_dir``'s class folders, each folder read once.
+
+    torchvision's ImageFolder follows folder links without noticing loops (``val/b/up -> val`` is
+    indexed again and again, up to the kernel's link limit): a folder reached twice is refused here,
+    before it walks, naming the link.
+    """
+    seen = {os.path.realpath(split_dir)}
+    stack = [Path(e.path) for e in _entries(split_dir) if _is_folder(e)]
+    count = 0
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataFileError(f"image folder {folder} leads to {real}, which is already read (a symlink loop or "
+                                "a second link to the same images); remove the link")
+        seen.add(real)
+        for entry in _entries(folder):
+            if _is_folder(entry):
+                stack.append(Path(entry.path))
+            elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                _check_file(entry.path)
+                count += 1
+    return count
+
+
 def _classes(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    return sorted(e.name for e in _entries(split_dir) if _is_folder(e))
 
 
 def _split_dirs(root) -> tuple[Path, Path]:
@@ -125,10 +187,15 @@ def _split_dirs(root) -> tuple[Path, Path]:
 def _dataset(split_dir: Path, transform, loader):
     from torchvision.datasets import ImageFolder
 
+    images = _count_images(split_dir)
     try:
-        return ImageFolder(str(split_dir), transform=transform, loader=loader)
+        ds = ImageFolder(str(split_dir), transform=transform, loader=loader)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise ConfigError(f"data.root: {split_dir} is not a usable split ({exc}); {_layout(split_dir.parent)}") from None
+    if len(ds.samples) != images:  # the index must be the files on disk, each once
+        raise DataFileError(f"image folder {split_dir} holds {images} image files but {len(ds.samples)} were "
+                            "indexed; check it for links or files changing while qsweep reads it")
+    return ds
 
 
 def _check_headers(ds, convert_rgb: bool) -> None:

@@ -184,6 +184,8 @@ def load_digits_vit(bundle, cache: Path, progress: bool = True) -> nn.Module:
     if path.is_file():
         try:
             state = load_file(str(path))
+            if not all(t.isfinite().all() for t in state.values() if t.is_floating_point()):
+                raise ValueError("it holds NaN or infinite weights")
             with torch.random.fork_rng(devices=[]):
                 model = build_digits_vit(bundle.num_classes, bundle.input_shape[0], tuple(bundle.input_shape[1:]))
             model.load_state_dict(state)

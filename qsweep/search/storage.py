@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -13,17 +12,13 @@ from sqlalchemy.engine import make_url
 
 from qsweep.errors import QsweepError
 from qsweep.locks import file_lock
+from qsweep.rdb import connect_args, failure_reason, redact
 
 JOURNAL_PREFIX = "journal:"
 
 
 class StorageError(QsweepError):
     """The study storage cannot be opened, or holds a study that does not fit this search."""
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def resolve(spec: str | None, project_dir: Path) -> str:
@@ -34,7 +29,8 @@ def resolve(spec: str | None, project_dir: Path) -> str:
 def open_storage(spec: str | None, project_dir: Path, heartbeat_s: int, retries: int) -> optuna.storages.BaseStorage:
     """Open (and create) the storage; RDB storages get heartbeats so a dead worker's trial is retried.
 
-    Raises :class:`StorageError` naming the storage if it cannot be reached.
+    Raises :class:`StorageError` naming the storage if it cannot be reached; a server that does not
+    answer is such an error within :data:`qsweep.rdb.CONNECT_TIMEOUT_S` per address.
     """
     url = resolve(spec, project_dir)
     if url.startswith(JOURNAL_PREFIX):
@@ -48,19 +44,17 @@ def open_storage(spec: str | None, project_dir: Path, heartbeat_s: int, retries:
         raise StorageError(f"search.storage={url!r} is not allowed; give null (SQLite in the project), "
                            f"'journal:PATH' or an RDB URL such as 'sqlite:///optuna.db' or "
                            f"'postgresql://user:password@host/db'")
-    connect = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
     try:
         with _creation_lock(url):
             return RDBStorage(
                 url,
-                engine_kwargs={"pool_pre_ping": True, **connect},
+                engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args(url)},
                 heartbeat_interval=heartbeat_s,
                 grace_period=2 * heartbeat_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries),
             )
-    except Exception as exc:  # sqlalchemy raises many kinds: driver missing, refused, auth, bad URL
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"search.storage={redact(url)!r} cannot be reached: {reason}") from None
+    except Exception as exc:  # sqlalchemy raises many kinds: driver missing, refused, silent, auth, bad URL
+        raise StorageError(f"search.storage={redact(url)!r} cannot be reached: {failure_reason(exc, url)}") from None
 
 
 def _creation_lock(url: str) -> AbstractContextManager:

@@ -29,6 +29,7 @@ from qsweep.files import atomic_write
 from qsweep.quant.plan import resolve_plan
 from qsweep.report import format_table
 from qsweep.score import compute_score
+from qsweep.search.retries import claim, claim_retry, enqueue_retry, fail_dead_trials
 from qsweep.search.space import SearchSpace
 from qsweep.search.storage import StorageError
 from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
@@ -228,8 +229,9 @@ def counts(study: optuna.Study) -> dict[TrialState, int]:
 def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (over all workers) or time is up.
 
-    Retries run before other waiting trials. With a heartbeat storage, trials of dead workers are
-    failed here and retried (same layout); a trial this worker is interrupted in is retried too.
+    Retries run before other waiting trials. Trials of dead workers are failed here and retried
+    (same layout): by Optuna's heartbeat on RDB storages, else by their owner process on this host
+    being gone. A trial this worker is interrupted in is retried too.
     """
     s = worker.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
@@ -237,6 +239,8 @@ def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
     while deadline is None or time.monotonic() < deadline:
         if heartbeat:
             optuna.storages.fail_stale_trials(study)
+        else:
+            fail_dead_trials(study, s.retries)
         n = counts(study)
         done = n[TrialState.COMPLETE] + n[TrialState.PRUNED]
         if done >= s.n_trials:
@@ -258,29 +262,13 @@ def _ask(study: optuna.Study) -> optuna.Trial:
         return study.ask()
 
 
-def claim_retry(study: optuna.Study) -> optuna.Trial | None:
-    """The oldest waiting retry of a failed trial, now RUNNING for this worker (None if there is none).
-
-    Optuna would run it after every other waiting trial (a whole warm start): maybe never within
-    ``n_trials``.
-    """
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if "failed_trial" not in t.system_attrs:
-            continue
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):  # False: another took it
-                return optuna.Trial(study, t._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker took it and finished it meanwhile
-    return None
-
-
 def run_trial(study: optuna.Study, worker: Worker, trial: optuna.Trial, heartbeat: bool) -> FrozenTrial:
     """Run ``trial`` (as ``study.optimize`` would) and tell the study how it ended.
 
     An interrupt (Ctrl-C, SIGTERM, any exception that is not an ``Exception``) requeues the trial
     and goes on up.
     """
+    claim(study, trial._trial_id)
     if heartbeat:  # now, not when the thread first runs: a trial without any heartbeat never goes stale
         study._storage.record_heartbeat(trial._trial_id)
     try:
@@ -318,15 +306,6 @@ def requeue(study: optuna.Study, trial_id: int, exc: BaseException, parent: Reco
         rec.attach(run_id)
         rec.set_tags({"retried_as": str(retry)})
         rec.finish(error=reason, killed=True)
-
-
-def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> int:
-    """A waiting copy of ``trial`` (same layout), marked as optuna's heartbeat retries are; returns its number."""
-    attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-             "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number]}
-    copy = optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                                     user_attrs=trial.user_attrs, system_attrs=attrs)
-    return study._storage.get_trial_number_from_id(study._storage.create_new_trial(study._study_id, copy))
 
 
 def stop_parent(study: optuna.Study, parent: Recorder | NullRecorder, exc: BaseException) -> None:
