@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qsweep.errors import QsweepError
-from qsweep.names import folder_name
+from qsweep.errors import Interrupted, QsweepError, interruption_taken, raise_interrupted
+from qsweep.names import FAILED_FILE, folder_name
 
 
 def unique_dir(base: str) -> str:
@@ -40,29 +40,32 @@ OmegaConf.register_new_resolver("qsweep.unique_dir", unique_dir, use_cache=True,
 OmegaConf.register_new_resolver("qsweep.folder_name", folder_name, replace=True)
 
 
-def _raise_interrupted(signum: int, frame) -> None:
-    from qsweep.job import Interrupted
-
-    raise Interrupted(signum)
+def _failed(reason: str, multirun: bool) -> None:
+    """One error line; the exit status 1, except in a grid, where the other jobs go on
+    (the SweepOutcome callback fails the command at the end)."""
+    print(f"qsweep: error: {reason}", file=sys.stderr)
+    if not multirun:
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from qsweep.job import Interrupted  # heavy imports after Hydra has parsed the command line
-    from qsweep.modes import execute
+    from qsweep.modes import execute  # heavy imports after Hydra has parsed the command line
 
     # `timeout`, schedulers and `kill` send SIGTERM: stop as after Ctrl-C (the run is marked KILLED).
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         # Every job of one multirun nests under one MLflow run named after the sweep directory.
         execute(cfg, hydra_cfg.runtime.output_dir, sweep=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None)
     except QsweepError as exc:
-        print(f"qsweep: error: {exc}", file=sys.stderr)
-        if not multirun:  # in a grid the others go on; the sweep_outcome callback fails the command at the end
-            sys.exit(1)
+        _failed(str(exc), multirun)
+    except Exception as exc:  # a bug or a library's failure: its traceback is in the run's error.txt
+        _failed(f"{type(exc).__name__}: {exc} (traceback in {Path(hydra_cfg.runtime.output_dir) / FAILED_FILE})",
+                multirun)
     except Interrupted as exc:
+        interruption_taken()
         print(f"qsweep: stopped by {exc}; the run is marked KILLED", file=sys.stderr)
         sys.exit(128 + exc.signum)
 

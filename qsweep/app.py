@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from qsweep.quant.pipeline import quantize
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.report import average_weight_bits, format_table, layer_table
 from qsweep.score import compute_score
-from qsweep.tracking import NullRecorder, Recorder, flatten
+from qsweep.tracking import OUTPUT_DIR_TAG, NullRecorder, Recorder, flatten
 
 
 class ArtifactMismatch(RuntimeError):
@@ -59,34 +60,60 @@ def run(cfg: DictConfig, output_dir: str | Path, parent_run_id: str | None = Non
         sweep: str | None = None) -> dict[str, Any]:
     """Run one quantization job (``mode=run`` or ``analyze``); returns the result dict.
 
-    The config is validated and the machine checked before anything is built. A failure after
-    the MLflow run started marks that run FAILED (KILLED if interrupted) with the reason, writes
-    it to ``error.txt`` in the run's folder, then re-raises. ``parent_run_id`` nests the run
-    under another (a study's); ``sweep`` (a Hydra multirun's directory) nests it under that sweep's run.
+    The config is validated and the machine checked before anything is built. Any failure marks
+    the run FAILED (KILLED if interrupted) in MLflow with the reason, writes it to ``error.txt`` in
+    the run's folder, then re-raises; a refused config is recorded too, unless tracking itself is
+    what cannot be used. ``parent_run_id`` nests the run under another (a study's); ``sweep`` (a
+    Hydra multirun's directory) nests it under that sweep's run.
     """
     output_dir = Path(output_dir)
     rec: Recorder | NullRecorder = NullRecorder()
     try:
-        cfg = validate(cfg)
-        check_environment(cfg, output_dir)
-        rec = _start_recording(cfg, parent_run_id, sweep)
-        result = _pipeline(RunContext(cfg, output_dir, rec))
+        try:
+            checked = validate(cfg)
+            check_environment(checked, output_dir)
+        except Exception:
+            rec = _record_refused(cfg, output_dir, parent_run_id, sweep)
+            raise
+        rec = _open_recorder(checked)
+        _start_run(rec, checked, output_dir, parent_run_id, sweep)
+        result = _pipeline(RunContext(checked, output_dir, rec))
+        rec.finish()
     except BaseException as exc:
         record_failure(output_dir, rec, exc)
         raise
-    rec.finish()
     return result
 
 
-def _start_recording(cfg: DictConfig, parent_run_id: str | None, sweep: str | None) -> Recorder | NullRecorder:
+def _open_recorder(cfg: DictConfig) -> Recorder | NullRecorder:
     if not cfg.tracking.enabled:
         return NullRecorder()
-    rec = Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, PROJECT_DIR)
+    return Recorder.for_project(cfg.tracking.uri, cfg.tracking.experiment, PROJECT_DIR)
+
+
+def _start_run(rec: Recorder | NullRecorder, cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
+               sweep: str | None) -> None:
+    """Start ``rec``'s run tagged and with the config as params (``rec`` knows its run once created)."""
     if sweep is not None and parent_run_id is None:
         parent_run_id = rec.sweep_parent(sweep, cfg.name)
-    rec.start(cfg.tracking.run_name or f"{cfg.name}:{cfg.model.name}:{cfg.quant.name}", run_tags(cfg),
-              parent_run_id=parent_run_id)
-    rec.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    rec.start(cfg.tracking.run_name or f"{cfg.name}:{cfg.model.name}:{cfg.quant.name}",
+              {**run_tags(cfg), OUTPUT_DIR_TAG: str(output_dir.resolve())}, parent_run_id=parent_run_id)
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params.pop("hydra", None)  # Hydra's own node, when an unvalidated config still holds it
+    rec.log_params(flatten(params))
+
+
+def _record_refused(cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
+                    sweep: str | None) -> Recorder | NullRecorder:
+    """A run for a config that was refused before recording began, with the params that can be read.
+
+    Best effort: when the tracking config itself cannot be used, or a value cannot be read, the
+    refusal being raised is what the user must see, so a failure here is dropped.
+    """
+    rec: Recorder | NullRecorder = NullRecorder()
+    with suppress(Exception):
+        rec = _open_recorder(cfg)
+        _start_run(rec, cfg, output_dir, parent_run_id, sweep)
     return rec
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qsweep.errors import QsweepError
+from qsweep.names import FAILED_FILE
 
 # Room left beside an output: the file system's own overhead and whatever else writes meanwhile.
 SPACE_MARGIN_MB = 16.0
@@ -88,3 +89,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# error.txt holds the reason, then any details (a traceback) below this line.
+_DETAILS = "\n\n--- details ---\n"
+
+
+def write_failure(folder: str | Path, reason: str, details: str = "") -> None:
+    """``error.txt`` in a failed run's folder: the reason it failed, then ``details`` if any."""
+    try:
+        write_text(Path(folder) / FAILED_FILE, reason + (_DETAILS + details if details else "") + "\n")
+    except OutputError:
+        pass  # an unwritable folder is itself the error being raised
+
+
+def failure_reason(folder: str | Path, limit: int = 300, since: float = 0.0) -> str | None:
+    """The reason a failed run wrote to ``error.txt`` in its folder (its start), or None if it wrote
+    none (at or after the time ``since``: an older file is another run's, in a reused folder)."""
+    path = Path(folder) / FAILED_FILE
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        text = path.read_bytes()
+    except OSError:
+        return None
+    # Whatever bytes it holds: a reason quotes file names and values from the user.
+    return text.decode("utf-8", "replace").split(_DETAILS, 1)[0].strip()[:limit]

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from qsweep.files import failure_reason
 from qsweep.names import FAILED_FILE
 
 
@@ -18,12 +19,6 @@ def _sweep_recorder(config: DictConfig):
     from qsweep.tracking import Recorder  # MLflow is heavy: only multiruns that record pay for it
 
     return Recorder.for_project(config.tracking.uri, config.tracking.experiment, Path.cwd())
-
-
-def _reason(path: Path, limit: int = 300) -> str:
-    """The start of a failure marker as text, whatever bytes it holds."""
-    with open(path, "rb") as f:
-        return f.read(limit).decode("utf-8", "replace").strip()
 
 
 class SweepOutcome(Callback):
@@ -50,7 +45,7 @@ class SweepOutcome(Callback):
         failed = sorted(job for job in jobs if (job / FAILED_FILE).exists())
         failed_jobs = len(failed)
         if failed:
-            reasons = "\n".join(f"  {job}: {_reason(job / FAILED_FILE)}" for job in failed)
+            reasons = "\n".join(f"  {job}: {failure_reason(job)}" for job in failed)
             print(f"qsweep: error: {len(failed)} of {len(jobs)} jobs of the multirun in {sweep} failed:\n{reasons}",
                   file=sys.stderr, flush=True)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,24 +12,16 @@ from torch.utils.data import DataLoader
 
 import qsweep
 from qsweep.data import DataBundle, build_data, calibration_batches, eval_loader
-from qsweep.errors import QsweepError
+from qsweep.errors import Interrupted, QsweepError, interruption_taken
 from qsweep.evaluate import EvalResult, cached_fp_eval, model_fingerprint
 from qsweep.export import state_dict_size_mb
-from qsweep.files import OutputError, ensure_writable, write_text
+from qsweep.files import ensure_writable, write_failure
 from qsweep.hydra_callbacks import FAILED_FILE
 from qsweep.models import build_model
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.tracking import NullRecorder, Recorder, git_commit
 
 PROJECT_DIR = Path.cwd()
-
-
-class Interrupted(KeyboardInterrupt):
-    """The job was stopped by a signal (SIGTERM from ``timeout``, ``kill`` or a scheduler)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class EnvironmentCheckError(QsweepError):
@@ -73,14 +65,23 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def record_failure(output_dir: Path, rec: Recorder | NullRecorder, exc: BaseException) -> None:
-    """The job's folder and MLflow run say it holds no result, and why (KILLED if interrupted)."""
+    """The job's folder and MLflow run say it holds no result, and why (KILLED if interrupted).
+
+    The folder is written first: if the store fails too, a later run's check for dead processes
+    finds the reason there and marks the run FAILED with it.
+    """
+    if isinstance(exc, Interrupted):
+        interruption_taken()
     reason = f"{type(exc).__name__}: {exc}"
+    # Bad input needs no traceback; a bug or a library's failure does.
+    details = "" if isinstance(exc, (QsweepError, KeyboardInterrupt)) else "".join(traceback.format_exception(exc))
+    write_failure(output_dir, reason, details)
+    if rec.run_id is None:
+        return
     try:
-        write_text(Path(output_dir) / FAILED_FILE, reason + "\n")
-    except OutputError:
-        pass  # an unwritable folder is itself the error being raised
-    if rec.run_id is not None:
         rec.finish(error=reason, killed=isinstance(exc, KeyboardInterrupt))
+    except Exception as lost:  # noqa: BLE001 - the run's own error is the one to raise
+        write_failure(output_dir, reason, f"not recorded in MLflow: {type(lost).__name__}: {lost}\n\n{details}")
 
 
 @dataclass

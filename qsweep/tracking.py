@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from qsweep import rdb
 from qsweep.errors import QsweepError
+from qsweep.files import failure_reason
 from qsweep.locks import file_lock
 
 # MLflow's batch endpoint takes at most 100 params per call.
@@ -29,6 +30,8 @@ _PARAM_VALUE_MAX = 6000
 PROBE_TIMEOUT_S = 5.0
 HOST = socket.gethostname()
 _REAPED: set[tuple[str, str]] = set()  # (store, experiment) this process has closed dead runs in
+# The run's output folder: where a run whose process died may have left its reason (error.txt).
+OUTPUT_DIR_TAG = "qsweep.output_dir"
 # MLflow 3 opens an experiment on its GenAI overview unless told it holds model-development runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -206,18 +209,30 @@ class Recorder:
         return {"qsweep.host": HOST, "qsweep.process": own_process()}
 
     def reap_dead_runs(self) -> list[str]:
-        """Mark KILLED the RUNNING runs of this experiment whose process on this host is gone (SIGKILL, power loss)."""
+        """Close the RUNNING runs of this experiment whose process on this host is gone (SIGKILL, power loss,
+        a store lost while recording a failure): FAILED if it left its reason, else KILLED."""
         found = self.client.search_runs([self.experiment_id], max_results=1000,
                                         filter_string=f"attributes.status = 'RUNNING' and tags.`qsweep.host` = '{HOST}'")
         reaped = []
         for run in found:
             token = run.data.tags.get("qsweep.process", "")
             if process_gone(token):
-                pid = token.split(":")[0]
-                self.client.set_tag(run.info.run_id, "error", f"its process ({HOST}:{pid}) is gone: it was killed")
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self._close_dead_run(run, token.split(":")[0])
                 reaped.append(run.info.run_id)
         return reaped
+
+    def _close_dead_run(self, run, pid: str) -> None:
+        """FAILED with the reason its process wrote to ``error.txt`` in its folder before dying or losing
+        the store; KILLED if it wrote none."""
+        folder = run.data.tags.get(OUTPUT_DIR_TAG)
+        # A second's margin: file times lag the clock by up to a scheduler tick.
+        reason = failure_reason(folder, since=run.info.start_time / 1000 - 1) if folder else None
+        if reason:
+            self.client.set_tag(run.info.run_id, "error", reason)
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            return
+        self.client.set_tag(run.info.run_id, "error", f"its process ({HOST}:{pid}) is gone: it was killed")
+        self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def fork(self) -> "Recorder":
         """A recorder for another run in the same store and experiment (e.g. a study's trial)."""
@@ -318,6 +333,9 @@ class NullRecorder:
 
     def finish(self, error: str | None = None, killed: bool = False) -> None:
         pass
+
+    def sweep_parent(self, sweep: str, experiment: str) -> None:
+        return None
 
     def runs_url(self, ui: str = "") -> None:
         return None

@@ -185,7 +185,9 @@ def test_checks_before_any_work(tmp_path):
     except ImportError:
         with pytest.raises(EnvironmentCheckError, match="export.pte=true needs ExecuTorch"):
             app.run(compose_cfg(tmp_path, "export.pte=true"), tmp_path / "out")
-    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded for a run that could not start
+    _, found = runs_of(f"sqlite:///{tmp_path}/mlflow.db")  # each refusal is a FAILED run with its reason
+    assert found and all(r.info.status == "FAILED" and r.data.tags["error"] for r in found)
+    assert any("cache_dir" in r.data.tags["error"] for r in found)
 
 
 def test_an_unreachable_tracking_server_is_named_within_seconds(tmp_path):

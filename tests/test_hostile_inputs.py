@@ -43,12 +43,12 @@ def _paths(root: Path, skip: Path) -> set[Path]:
     return {p for p in root.rglob("*") if skip not in p.parents and p != skip}
 
 
-def cli(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> Outcome:
-    """``python -m qsweep OVERRIDES`` in-process from ``tmp_path/work``; what it printed and wrote."""
+def cli(tmp_path: Path, monkeypatch, capsys, *overrides: str, common: tuple[str, ...] = COMMON) -> Outcome:
+    """``python -m qsweep COMMON OVERRIDES`` in-process from ``tmp_path/work``; what it printed and wrote."""
     work, cache = tmp_path / "work", tmp_path / "cache"
     work.mkdir(exist_ok=True)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(sys, "argv", ["qsweep", *COMMON, *overrides])
+    monkeypatch.setattr(sys, "argv", ["qsweep", *common, *overrides])
     monkeypatch.delitem(sys.modules, "qsweep.__main__", raising=False)  # imported by other tests: run it afresh
     before = _paths(tmp_path, cache)
     root, handlers, level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from qsweep.analysis.sensitivity import sensitivity, sensitivity_key
 from qsweep.app import run
 from qsweep.job import prepare_job, run_tags
+from qsweep.errors import interruption_taken
 from qsweep.evaluate import evaluate
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.files import write_text
@@ -72,6 +73,7 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
         work(study, worker, has_heartbeat(storage))
         return _summarize(cfg, study, space, models, job, score_of, parent, output_dir, name)
     except BaseException as exc:  # Ctrl-C, SIGTERM, an error: the study's run is not left RUNNING
+        interruption_taken()
         stop_parent(study, parent, exc)
         raise
     finally:

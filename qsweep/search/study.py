@@ -24,7 +24,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from qsweep.config import compose_shipped, quant_recipe
-from qsweep.errors import QsweepError
+from qsweep.errors import QsweepError, interruption_taken
 from qsweep.files import atomic_write
 from qsweep.quant.plan import resolve_plan
 from qsweep.report import format_table
@@ -280,6 +280,7 @@ def run_trial(study: optuna.Study, worker: Worker, trial: optuna.Trial, heartbea
         traceback.print_exc()
         state = TrialState.FAIL
     except BaseException as exc:
+        interruption_taken()  # a stop signal is not raised again while the trial is requeued
         requeue(study, trial._trial_id, exc, worker.parent)
         raise
     else:
