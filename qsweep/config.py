@@ -101,6 +101,18 @@ class GPTQConfig:
 
 
 @dataclass
+class BiasCorrectionConfig:
+    """Quantized layers' biases absorb the mean output shift of quantization (qsweep.quant.bias_correct)."""
+
+    enabled: bool = False
+    layers: list[str] = field(default_factory=lambda: ["*"])  # the layers corrected: globs or kinds (@conv)
+    # Of those, the ones whose output means are matched to the float model's (e.g. @depthwise);
+    # the others absorb the mean shift of their own weight rounding.
+    match_float: list[str] = field(default_factory=list)
+    num_samples: int = 128  # calibration samples, run as one batch
+
+
+@dataclass
 class SmoothConfig:
     """Per-channel input scaling of quantized Linears (SmoothQuant / AWQ), searched per layer."""
 
@@ -140,6 +152,7 @@ class QuantConfig:
     intops: str = "off"  # off | ivit: integer-only Softmax, GELU and LayerNorm (I-ViT)
     residual_bits: Optional[int] = 16  # intops=ivit: residual stream width (timm Blocks); null: float
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    bias_correction: BiasCorrectionConfig = field(default_factory=BiasCorrectionConfig)
 
 
 @dataclass
@@ -199,7 +212,7 @@ class SearchConfig:
     prune_steps: int = 4  # partial evaluations reported per trial
     trial_images: Optional[int] = None  # test images per trial (a seeded subset); null: all
     top_k: int = 3  # best layouts re-evaluated on the whole test set at the end
-    heartbeat_s: int = 10  # RDB / journal storage: a trial silent for 2x this is failed and retried
+    heartbeat_s: int = 10  # RDB storage: a trial silent for 2x this is failed and retried (journal: qsweep.search.retries)
     retries: int = 2  # times a trial whose worker died is retried
     best_dir: Optional[str] = None  # config dir for the best layout (experiment/best/<study>_best.yaml, run with
     #                                 --config-dir); null: <run folder>/conf. Never the installed package
@@ -376,7 +389,7 @@ def validate_tensor(prefix: str, t: TensorQuantConfig | DictConfig, is_weight: b
         )
 
 
-LAYER_KINDS = ("@depthwise", "@first", "@last")  # qsweep.quant.plan.KINDS: layers selected by what they are
+LAYER_KINDS = ("@conv", "@depthwise", "@first", "@last")  # qsweep.quant.plan.KINDS: layers selected by what they are
 
 
 def validate_layer_overrides(layers: Any) -> None:
@@ -419,6 +432,12 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     _bits("quant.residual_bits", q.residual_bits, (8, 32), allow_float=True)
     validate_gptq(q.gptq)
     validate_rotate(q.rotate)
+    _in_range("quant.bias_correction.num_samples", q.bias_correction.num_samples, 1, 10**6,
+              "need at least 1 calibration sample")
+    for key in ("layers", "match_float"):
+        for pattern in q.bias_correction[key] or ():
+            if str(pattern).startswith("@"):
+                _choice(f"quant.bias_correction.{key} entry", pattern, LAYER_KINDS)
 
 
 def validate_rotate(r: RotateConfig | DictConfig) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from qsweep.config import AdaRoundConfig, LSQConfig, gptq_replaced_by, quant_recipe, validate_adaround, validate_lsq
 from qsweep.quant.adaround import apply_adaround
+from qsweep.quant.bias_correct import correct_biases
 from qsweep.quant.calibrate import QuantizeTimings, calibrate, prepare
 from qsweep.quant.gptq import apply_gptq
 from qsweep.quant.lsq import apply_lsq
@@ -46,7 +47,8 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     fp_model = copy.deepcopy(model) if inplace and reconstruct else model
     model = model if inplace else copy.deepcopy(model)
     # The float weights after prepare()'s rewrites (BN folding, quant.vit.post_ln, ...): what the codes were rounded from.
-    weights: dict[str, torch.Tensor] | None = {} if reconstruct or gptq else None
+    correct = bool(recipe.bias_correction.enabled)
+    weights: dict[str, torch.Tensor] | None = {} if reconstruct or gptq or correct else None
     model.eval()
     timings = timings if timings is not None else QuantizeTimings()
     if replaced is not None:
@@ -63,6 +65,10 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
             timings.reconstruct["gptq"] = apply_gptq(model, batches, recipe.gptq, weights, progress)
         _learn(model, fp_model, batches, ada_cfg, lsq_cfg, weights, progress, timings)
         timings.reconstruct_s = time.perf_counter() - start
+    if correct:  # last: the shift it removes is that of the final weights
+        start = time.perf_counter()
+        timings.reconstruct["bias_correction"] = correct_biases(model, batches, recipe.bias_correction, weights)
+        timings.reconstruct_s += time.perf_counter() - start
     return model
 
 

@@ -58,13 +58,16 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    """A conv with one input channel per group (an ``nn.Conv2d`` or the quantized conv made from one)."""
+    groups = getattr(module, "groups", 1)
+    return isinstance(groups, int) and groups > 1 and module.weight.dim() == 4 and module.weight.shape[1] == 1
 
 
 # Layer kinds a recipe can name in quant.layers / quant.skip instead of a glob, so that one recipe fits any
 # CNN (a depthwise conv is `conv_dw` in timm, `features.2.conv.1.0` in torchvision). A model without such a
 # layer is no error: the recipe simply has nothing to say about it.
 KINDS: dict[str, Callable[[str, nn.Module, list[str]], bool]] = {
+    "@conv": lambda name, module, names: module.weight.dim() == 4,  # any Conv2d (or its quantized form)
     "@depthwise": lambda name, module, names: _is_depthwise(module),
     "@first": lambda name, module, names: name == names[0],  # the stem, in module order
     "@last": lambda name, module, names: name == names[-1],  # the classifier, in module order
@@ -144,7 +147,10 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     overrides = OmegaConf.to_container(recipe.layers, resolve=True) if isinstance(recipe.layers, DictConfig) else dict(recipe.layers or {})
 
     modules = dict(model.named_modules())
-    for key, patterns in (("quant.skip", skips), ("quant.layers", overrides)):
+    corrected = list(recipe.bias_correction.layers or [])
+    matched = list(recipe.bias_correction.match_float or [])
+    for key, patterns in (("quant.skip", skips), ("quant.layers", overrides),
+                          ("quant.bias_correction.layers", corrected), ("quant.bias_correction.match_float", matched)):
         for pattern in patterns:
             if pattern not in KINDS and not any(matches(n, pattern) for n in candidates):
                 raise _unmatched(key, pattern, candidates, all_names)

@@ -93,12 +93,15 @@ class LayoutModels:
         reconstruct["smoothing"] = input_divisors(self.model) if recipe.smooth.enabled else None
         self.quant_modules = {n: self.model.get_submodule(n) for n in space.layers}
         self.weights = {(n, top_w): m.qweight for n, m in self.quant_modules.items()}
+        # quant.bias_correction: a bias corrected for one width's weights goes with them.
+        self.biases = {(n, top_w): m.bias for n, m in self.quant_modules.items()}
         for w in widths:
             if w == top_w:
                 continue
             base = quantize(model, recipe_with(recipe, space.layers, w_bits=w, **a_override), weight_calib,
                             **reconstruct)
             self.weights.update({(n, w): base.get_submodule(n).qweight for n in space.layers})
+            self.biases.update({(n, w): base.get_submodule(n).bias for n in space.layers})
         self.acts = {(n, a_default): m.act for n, m in self.quant_modules.items()}
         for a in space.a_choices or ():
             if a == a_default:
@@ -129,6 +132,7 @@ class LayoutModels:
                 self.model.set_submodule(name, module)
                 if module.qweight is not self.weights[(name, choice["w"])]:
                     module.set_qweight(self.weights[(name, choice["w"])])
+                    module.bias = self.biases[(name, choice["w"])]
                 if "a" in choice:
                     module.act = self.acts[(name, choice["a"])]
             self._current[name] = dict(choice)
