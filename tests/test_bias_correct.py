@@ -169,3 +169,23 @@ def test_only_the_selected_layers_are_corrected():
     assert set(timings.reconstruct["bias_correction"]["max_shift"]) == {"dw", "pw"}
     torch.testing.assert_close(corrected["stem"].bias, plain["stem"].bias, atol=0, rtol=0)
     assert not torch.allclose(corrected["pw"].bias, plain["pw"].bias)
+
+
+def test_a_search_layout_carries_the_biases_corrected_for_its_widths():
+    from omegaconf import OmegaConf
+
+    from qsweep.config import RootConfig, quant_recipe
+    from qsweep.search.space import SearchSpace
+    from qsweep.search.trials import LayoutModels
+
+    fp, calib = _model(), _images(32, 10)
+    recipe = quant_recipe(_recipe(True, ["@depthwise"], a_bits=8))
+    space = SearchSpace.build(["stem", "dw", "pw"], OmegaConf.merge(OmegaConf.structured(RootConfig).search,
+                                                                     {"w_bits": [3, 6]}))
+    models = LayoutModels(fp, recipe, [calib], space)
+    for bits in (3, 6):
+        uniform = quant_layers(qsweep.quantize(fp, {**OmegaConf.to_container(recipe), "layers": {"*": {"w_bits": bits}}},
+                                               [calib]))
+        layers = quant_layers(models.apply({g: {"w": bits} for g in space.groups}))
+        for name in ("stem", "dw", "pw"):
+            torch.testing.assert_close(layers[name].bias, uniform[name].bias, atol=0, rtol=0)
