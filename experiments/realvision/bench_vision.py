@@ -41,7 +41,7 @@ import photos  # noqa: E402
 import vision_peers  # noqa: E402
 
 import qsweep  # noqa: E402
-from qsweep.config import CONF_DIR, quant_recipe, shipped_recipe  # noqa: E402
+from qsweep.config import CONF_DIR, shipped_recipe  # noqa: E402
 from qsweep.export import artifact_size_mb, state_dict_size_mb  # noqa: E402
 from qsweep.quant.fold import fold_batchnorm  # noqa: E402
 from qsweep.quant.modules import quant_layers  # noqa: E402
@@ -91,16 +91,6 @@ def rows(overrides: tuple[str, ...] = ()) -> list[Row]:
 def load_recipe(row: Row):
     recipe = shipped_recipe(row.recipe)
     return OmegaConf.merge(recipe, OmegaConf.from_dotlist(list(row.overrides))) if row.overrides else recipe
-
-
-def widths(row: Row) -> tuple[int | None, int | None]:
-    if row.kind != "qsweep":
-        return row.w_bits, row.a_bits
-    try:
-        cfg = quant_recipe(load_recipe(row))
-    except Exception:  # an invalid recipe is reported when the row runs
-        return None, None
-    return cfg.weight.bits, cfg.act.bits
 
 
 def unavailable(row: Row) -> str | None:
@@ -172,7 +162,7 @@ def build(row: Row, s: Setup) -> tuple[nn.Module, dict]:
 
 def run_row(row: Row, s: Setup) -> dict:
     """The row's results.json object; a row that cannot run or fails carries its ``error``."""
-    w_bits, a_bits = widths(row)
+    w_bits, a_bits = real.widths(row, load_recipe)
     rec = {"recipe": row.recipe or row.label, "label": row.label, "kind": row.kind, "peer": row.peer,
            "overrides": list(row.overrides), "w_bits": w_bits, "a_bits": a_bits, "top1_agreement": None,
            "top5_agreement": None, "top1_agreement_confident": None, "kl": None, "seconds": None,

@@ -139,11 +139,12 @@ def load_recipe(row: Row):
     return row.recipe
 
 
-def widths(row: Row) -> tuple[int | None, int | None]:
+def widths(row: Row, load=load_recipe) -> tuple[int | None, int | None]:
+    """The row's weight and activation widths; ``load`` gives a qsweep row's recipe (each benchmark has its own)."""
     if row.kind != "qsweep":
         return row.w_bits, row.a_bits
     try:
-        cfg = quant_recipe(load_recipe(row))
+        cfg = quant_recipe(load(row))
     except Exception:  # an invalid recipe is reported when the row runs
         return None, None
     return cfg.weight.bits, cfg.act.bits
