@@ -251,16 +251,10 @@ def environment(threads: int, info: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", action="append", default=None, metavar="TEXT",
-                        help="run only rows whose label contains TEXT (repeatable); merged into --out")
+    real.add_common_arguments(parser, HERE / "results.json")
     parser.add_argument("--set", "--recipe-override", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a key of every qsweep recipe (repeatable)")
     parser.add_argument("--eval-views", type=int, default=None, help="evaluate on N views spread over all")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=HERE / "results.json")
-    parser.add_argument("--readme", type=Path, default=None, help="write the table into this file between "
-                        f"{real.MARK_START} and {real.MARK_END}")
-    parser.add_argument("--list", action="store_true", help="print the row labels and exit")
     args = parser.parse_args()
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

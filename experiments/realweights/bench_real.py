@@ -305,16 +305,21 @@ def prepare(n_eval: int) -> tuple[Setup, list[str]]:
     return Setup(fp, names, minilm.tokenize(tokenizer, sents[:CALIB_SENTENCES]), batches, ref), sents
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every real-weights benchmark takes (this one and experiments/realvision's)."""
     parser.add_argument("--only", action="append", default=None, metavar="TEXT",
                         help="run only rows whose label contains TEXT (repeatable); merged into --out")
-    parser.add_argument("--eval-sentences", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--readme", type=Path, default=None, help="write the table into this file between "
                         f"{MARK_START} and {MARK_END}")
     parser.add_argument("--list", action="store_true", help="print the row labels and exit")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, HERE / "results.json")
+    parser.add_argument("--eval-sentences", type=int, default=512)
     args = parser.parse_args()
     all_rows = rows()
     if args.list:
