@@ -71,6 +71,21 @@ def test_fold_batchnorm_preserves_outputs(cnn):
     torch.testing.assert_close(cnn(x), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_folded_timm_norm_act_keeps_its_activation_and_no_batchnorm_tensor():
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = trained_bn(timm.create_model("tf_efficientnet_lite0", num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    folded = fold_batchnorm(model, lambda: model(x))
+    assert len(folded) == 49 and not any(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert isinstance(model.blocks[1][0].bn1.act, nn.ReLU6)  # timm's names stay: bn1.act
+    assert not [k for k in model.state_dict() if k.startswith("bn") or ".bn" in k]
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_quantize_non_timm_model_w8_is_close_and_w2_is_worse(cnn):
     x = batches(1, 32)[0]
     ref = cnn(x)

@@ -7,9 +7,22 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import BatchNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
+
+
+class FoldedNormAct(nn.Module):
+    """What timm's ``BatchNormAct2d`` computes once its statistics live in the conv before it: its
+    dropout and activation. Keeping the BatchNorm with identity statistics instead would cost four
+    tensors per layer in every artifact (11 % of EfficientNet-Lite0's 4-bit file)."""
+
+    def __init__(self, bn: BatchNormAct2d):
+        super().__init__()
+        self.drop, self.act = bn.drop, bn.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
 
 
 def _conv_bn_pairs(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, str]]:
@@ -45,8 +58,8 @@ def _conv_bn_pairs(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, 
 def fold_batchnorm(model: nn.Module, run: Callable[[], Any]) -> list[str]:
     """Fold every eval-mode BatchNorm2d fed directly by a Conv2d into that conv; returns the BN names.
 
-    A plain BatchNorm2d becomes ``nn.Identity``; a subclass that also applies an activation
-    (timm's ``BatchNormAct2d``) keeps its activation and gets identity statistics.
+    A plain BatchNorm2d becomes ``nn.Identity``, timm's ``BatchNormAct2d`` its dropout and activation
+    (:class:`FoldedNormAct`); any other subclass, whose forward is unknown, gets identity statistics.
     """
     folded = []
     for conv_name, bn_name in _conv_bn_pairs(model, run):
@@ -66,6 +79,8 @@ def fold_batchnorm(model: nn.Module, run: Callable[[], Any]) -> list[str]:
             conv.bias.copy_(new_bias)
         if type(bn) is nn.BatchNorm2d:
             model.set_submodule(bn_name, nn.Identity())
+        elif type(bn) is BatchNormAct2d:
+            model.set_submodule(bn_name, FoldedNormAct(bn))
         else:
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
