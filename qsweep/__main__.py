@@ -58,7 +58,8 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         # Every job of one multirun nests under one MLflow run named after the sweep directory.
-        execute(cfg, hydra_cfg.runtime.output_dir, sweep=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None)
+        execute(cfg, hydra_cfg.runtime.output_dir, sweep=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None,
+                overrides=list(hydra_cfg.overrides.task))
     except QsweepError as exc:
         _failed(str(exc), multirun)
     except Exception as exc:  # a bug or a library's failure: its traceback is in the run's error.txt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,15 @@ from qsweep.export import artifact_size_mb, export_program, export_pte, load_pro
 from qsweep.files import write_text
 from qsweep.job import PROJECT_DIR, Prepared, check_environment, prepare_job, record_failure, run_tags
 from qsweep.lab_eval import lab_eval
+from qsweep.lineage import MODEL_METRICS, EvalData, eval_data, model_name
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.quant.calibrate import QuantizeTimings
 from qsweep.quant.pipeline import quantize
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.report import average_weight_bits, format_table, layer_table
+from qsweep.run_params import run_params
 from qsweep.score import compute_score
-from qsweep.tracking import OUTPUT_DIR_TAG, NullRecorder, Recorder, flatten
+from qsweep.tracking import OUTPUT_DIR_TAG, NullRecorder, Recorder
 
 
 class ArtifactMismatch(RuntimeError):
@@ -39,6 +42,7 @@ class RunContext:
     cfg: DictConfig
     output_dir: Path
     recorder: Recorder | NullRecorder
+    data: EvalData | None = None  # the evaluated images, once the data is built
 
 
 @dataclass
@@ -57,14 +61,15 @@ def peak_rss_mb() -> float:
 
 
 def run(cfg: DictConfig, output_dir: str | Path, parent_run_id: str | None = None,
-        sweep: str | None = None) -> dict[str, Any]:
+        sweep: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run one quantization job (``mode=run`` or ``analyze``); returns the result dict.
 
     The config is validated and the machine checked before anything is built. Any failure marks
     the run FAILED (KILLED if interrupted) in MLflow with the reason, writes it to ``error.txt`` in
     the run's folder, then re-raises; a refused config is recorded too, unless tracking itself is
     what cannot be used. ``parent_run_id`` nests the run under another (a study's); ``sweep`` (a
-    Hydra multirun's directory) nests it under that sweep's run.
+    Hydra multirun's directory) nests it under that sweep's run. ``overrides`` (the command line's) are
+    recorded as params beside the recipe's.
     """
     output_dir = Path(output_dir)
     rec: Recorder | NullRecorder = NullRecorder()
@@ -73,10 +78,10 @@ def run(cfg: DictConfig, output_dir: str | Path, parent_run_id: str | None = Non
             checked = validate(cfg)
             check_environment(checked, output_dir)
         except Exception:
-            rec = _record_refused(cfg, output_dir, parent_run_id, sweep)
+            rec = _record_refused(cfg, output_dir, parent_run_id, sweep, overrides)
             raise
         rec = _open_recorder(checked)
-        _start_run(rec, checked, output_dir, parent_run_id, sweep)
+        _start_run(rec, checked, output_dir, parent_run_id, sweep, overrides)
         result = _pipeline(RunContext(checked, output_dir, rec))
         rec.finish()
     except BaseException as exc:
@@ -92,19 +97,18 @@ def _open_recorder(cfg: DictConfig) -> Recorder | NullRecorder:
 
 
 def _start_run(rec: Recorder | NullRecorder, cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
-               sweep: str | None) -> None:
-    """Start ``rec``'s run tagged and with the config as params (``rec`` knows its run once created)."""
+               sweep: str | None, overrides: Sequence[str]) -> None:
+    """Start ``rec``'s run tagged, with the recipe and the overridden keys as params (``rec`` knows its run once
+    created); the whole config is the run's ``config.yaml`` artifact."""
     if sweep is not None and parent_run_id is None:
         parent_run_id = rec.sweep_parent(sweep, cfg.name)
     rec.start(cfg.tracking.run_name or f"{cfg.name}:{cfg.model.name}:{cfg.quant.name}",
               {**run_tags(cfg), OUTPUT_DIR_TAG: str(output_dir.resolve())}, parent_run_id=parent_run_id)
-    params = OmegaConf.to_container(cfg, resolve=True)
-    params.pop("hydra", None)  # Hydra's own node, when an unvalidated config still holds it
-    rec.log_params(flatten(params))
+    rec.log_params(run_params(cfg, overrides))
 
 
 def _record_refused(cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
-                    sweep: str | None) -> Recorder | NullRecorder:
+                    sweep: str | None, overrides: Sequence[str]) -> Recorder | NullRecorder:
     """A run for a config that was refused before recording began, with the params that can be read.
 
     Best effort: when the tracking config itself cannot be used, or a value cannot be read, the
@@ -113,7 +117,7 @@ def _record_refused(cfg: DictConfig, output_dir: Path, parent_run_id: str | None
     rec: Recorder | NullRecorder = NullRecorder()
     with suppress(Exception):
         rec = _open_recorder(cfg)
-        _start_run(rec, cfg, output_dir, parent_run_id, sweep)
+        _start_run(rec, cfg, output_dir, parent_run_id, sweep, overrides)
     return rec
 
 
@@ -121,6 +125,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     cfg, out = ctx.cfg, ctx.output_dir
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     job = prepare_job(cfg, ctx.recorder)
+    ctx.data = eval_data(job.bundle, cfg.data, len(job.loader.dataset))
+    ctx.recorder.log_input(ctx.data)
     if cfg.mode == "analyze":
         return {"analysis": _analysis(ctx, job), "output_dir": str(out), "weights": job.weights,
                 "fp_top1": job.fp.top1, "mlflow_run_id": ctx.recorder.run_id}
@@ -221,13 +227,25 @@ def _record(ctx: RunContext, job: Prepared, metrics: dict[str, float], rows: lis
               "output_dir": str(out)}
     if cfg.analysis.enabled:
         result["analysis"] = _analysis(ctx, job)
+    model_id = _log_model(ctx, exported)
+    result["mlflow_model_id"] = model_id
     write_text(out / "result.json", json.dumps(result, indent=2))
-    rec.log_metrics(metrics)
+    of_model = {k: v for k, v in metrics.items() if k in MODEL_METRICS}
+    rec.log_metrics(of_model, model_id=model_id, data=ctx.data)
+    rec.log_metrics({k: v for k, v in metrics.items() if k not in of_model})
     for path in (out / "config.yaml", table_path, out / "result.json"):
         rec.log_artifact(path)
-    if exported.path is not None and cfg.tracking.log_model:
-        rec.log_artifact(exported.path, "model")
     return result
+
+
+def _log_model(ctx: RunContext, exported: Exported) -> str | None:
+    """The artifact (and its ``.pte``) as the run's logged model, with the recipe's params; its metrics follow."""
+    cfg = ctx.cfg
+    if exported.path is None or not cfg.tracking.log_model:
+        return None
+    files = [exported.path, *([exported.path.with_suffix(".pte")] if cfg.export.pte else [])]
+    ctx.recorder.log_artifact(exported.path, "model")
+    return ctx.recorder.log_model(model_name(cfg.model.name, cfg.quant.name), files, run_params(cfg))
 
 
 def _analysis(ctx: RunContext, job: Prepared) -> dict[str, str]:
@@ -258,5 +276,7 @@ def _print_summary(cfg: DictConfig, r: dict[str, Any], weights: str) -> None:
     ]
     if r["mlflow_run_id"]:
         rows.append(("mlflow", f"run {r['mlflow_run_id']} at {r['mlflow_uri']}"))
+        if r.get("mlflow_model_id"):
+            rows.append(("mlflow model", f"models:/{r['mlflow_model_id']}"))
         rows.append(("runs table", r["mlflow_runs_url"]))
     print("\nqsweep result\n" + format_table(rows), flush=True)

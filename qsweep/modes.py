@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,17 @@ from qsweep.search import run_search
 from qsweep.tracking import NullRecorder
 
 
-def execute(cfg: DictConfig, output_dir: str | Path, sweep: str | None = None) -> dict[str, Any]:
-    """Run ``cfg``'s mode; a Hydra multirun passes its ``sweep`` directory so jobs nest under one parent run."""
+def execute(cfg: DictConfig, output_dir: str | Path, sweep: str | None = None,
+            overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``cfg``'s mode; a Hydra multirun passes its ``sweep`` directory so jobs nest under one parent run,
+    the CLI its ``overrides`` so the run records what they changed."""
     if cfg.get("mode") != "search":
-        return run(cfg, output_dir, sweep=sweep)
+        return run(cfg, output_dir, sweep=sweep, overrides=overrides)
     output_dir = Path(output_dir)
     try:
         cfg = validate(cfg)
         check_environment(cfg, output_dir)
-        return run_search(cfg, output_dir, PROJECT_DIR, sweep=sweep)
+        return run_search(cfg, output_dir, PROJECT_DIR, sweep=sweep, overrides=overrides)
     except BaseException as exc:
         record_failure(output_dir, NullRecorder(), exc)  # the study's own runs record themselves
         raise

@@ -15,13 +15,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from qsweep import rdb
+from qsweep import rdb, runs_view
 from qsweep.errors import QsweepError
 from qsweep.files import failure_reason
+from qsweep.lineage import MODEL_TYPE, EvalData
 from qsweep.locks import file_lock
 
 # MLflow's batch endpoint takes at most 100 params per call.
@@ -32,8 +33,10 @@ HOST = socket.gethostname()
 _REAPED: set[tuple[str, str]] = set()  # (store, experiment) this process has closed dead runs in
 # The run's output folder: where a run whose process died may have left its reason (error.txt).
 OUTPUT_DIR_TAG = "qsweep.output_dir"
-# MLflow 3 opens an experiment on its GenAI overview unless told it holds model-development runs.
+# What the experiment holds, for MLflow 3 UIs that read it (3.17 follows its GenAI / model-training switch,
+# which the runs-table link sets: qsweep.runs_view).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DEFAULT_UI = "http://127.0.0.1:5000"
 
 
 class TrackingError(QsweepError):
@@ -166,19 +169,27 @@ class Recorder:
         if found is None:
             location = artifact_root.resolve().as_uri() if artifact_root is not None else None
             try:
-                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+                return self.client.create_experiment(name, artifact_location=location, tags={
+                    **EXPERIMENT_KIND, runs_view.VIEW_TAG: runs_view.view_tag_value(int(time.time() * 1000))})
             except MlflowException:  # created meanwhile by another process on a shared server
                 found = self.client.get_experiment_by_name(name)
                 if found is None:
                     raise
         if found.tags.get("mlflow.experimentKind") is None:
             self.client.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        self._set_view(found.experiment_id, found.tags.get(runs_view.VIEW_TAG))
         return found.experiment_id
 
-    def runs_url(self, ui: str = "http://127.0.0.1:5000") -> str:
-        """The experiment's runs table in the MLflow UI (``make ui``)."""
+    def _set_view(self, experiment_id: str, current: str | None) -> None:
+        """qsweep's runs-table view (:mod:`qsweep.runs_view`) on the experiment, rewritten only when it changed."""
+        if not runs_view.is_current(current):
+            self.client.set_experiment_tag(experiment_id, runs_view.VIEW_TAG,
+                                           runs_view.view_tag_value(int(time.time() * 1000)))
+
+    def runs_url(self, ui: str = DEFAULT_UI) -> str:
+        """The experiment's runs table in the MLflow UI (``make ui``), sorted by score with the compared columns."""
         base = self.uri if self.uri.startswith(("http://", "https://")) else ui
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+        return runs_view.runs_url(base, self.experiment_id)
 
     @classmethod
     def for_project(cls, uri: str | None, experiment: str, project_dir: Path) -> "Recorder":
@@ -273,10 +284,33 @@ class Recorder:
         for i in range(0, len(items), _PARAM_CHUNK):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAM_CHUNK])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None,
+                    data: EvalData | None = None) -> None:
+        """The run's metrics; with ``model_id`` also that logged model's, measured on ``data``."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        link = {"model_id": model_id, "dataset_name": data.name if data else None,
+                "dataset_digest": data.digest if data else None} if model_id else {}
+        # 7 significant digits, float32's: the runs table then shows 99.11111, not 99.1111099...
+        items = [Metric(k, float(f"{float(v):.7g}"), now, step, **link) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=items)
+
+    def log_input(self, data: EvalData) -> None:
+        """The images the run is evaluated on, as its dataset input."""
+        self.client.log_inputs(self.run_id, datasets=[data.input()])
+
+    def log_model(self, name: str, files: list[Path], params: Mapping[str, str]) -> str:
+        """``files`` as a logged model of this run (READY once uploaded), with ``params``; returns its id."""
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                params=dict(params), model_type=MODEL_TYPE)
+        try:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+            for path in files:
+                self.client.log_model_artifact(model.model_id, str(path))
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return model.model_id
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -325,8 +359,15 @@ class NullRecorder:
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None,
+                    data: EvalData | None = None) -> None:
         pass
+
+    def log_input(self, data: EvalData) -> None:
+        pass
+
+    def log_model(self, name: str, files: list[Path], params: Mapping[str, str]) -> None:
+        return None
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
@@ -342,7 +383,8 @@ class NullRecorder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m qsweep.tracking STORE UI [EXPERIMENT]``: print the UI's link to the experiment's runs table."""
+    """``python -m qsweep.tracking STORE UI [EXPERIMENT]``: print the UI's link to the experiment's runs table
+    (creating the experiment and its view if the store has none yet)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m qsweep.tracking", description=main.__doc__)

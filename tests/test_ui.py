@@ -33,8 +33,9 @@ def call(base: str, endpoint: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.xdist_group("serial")  # binds a port on 127.0.0.1 (see conftest.py)
 @pytest.mark.slow
-def test_mlflow_server_on_loopback_serves_the_study(tmp_path, digits_vit):
+def test_mlflow_server_on_loopback_serves_the_study(tmp_path, capsys, digits_vit):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[
@@ -63,11 +64,17 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, digits_vit):
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
         (parent,) = [r for r, t in zip(runs, tags) if t.get("qsweep.kind") == "study"]
         parent_id = parent["info"]["run_id"]
+        assert len(parent["data"]["params"]) < 40  # the recipe, not every config key
+        assert f"mlflow: study run {parent_id} at {store}; runs table http://127.0.0.1:5000/#/experiments/" \
+            in capsys.readouterr().out
         trials = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
         assert len(trials) == 3
         for r in trials:
             metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
             assert {"size_mb", "pruned"} <= set(metrics)
+            params = {p["key"]: p["value"] for p in r["data"]["params"]}
+            assert set(params) == {"layout", "layout.w_bits"}  # not one per layer
+            assert set(params["layout.w_bits"].split(",")) <= {"2", "3", "4", "5", "6", "8"}
         best = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
         assert "best_score" in best and "best_size_mb" in best
     finally:
@@ -82,7 +89,8 @@ def test_the_runs_table_link_names_the_experiment(tmp_path):
     from mlflow.tracking import MlflowClient
 
     exp = MlflowClient(store).get_experiment_by_name("qsweep")
-    assert out.strip() == f"runs of experiment 'qsweep': http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+    assert out.strip() == (f"runs of experiment 'qsweep': http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+                           "?workflowType=machine_learning&viewStateShareKey=qsweep")
 
 
 @pytest.mark.parametrize("key", ["quant.layers.blocks.0.*.w_bits", "quant.layers.@depthwise.w_bits",

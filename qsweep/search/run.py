@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ from qsweep.search.study import (
     score_function, stop_parent, trial_rows, wait_for_attr, work, write_trials_csv,
 )
 from qsweep.search.trials import LayoutModels, TrialImages
-from qsweep.tracking import NullRecorder, Recorder, flatten
+from qsweep.run_params import run_params
+from qsweep.tracking import NullRecorder, Recorder
 
 # Images for the greedy seed's per-layer SQNR: enough for a stable ranking, cheap for DeiT-S.
 SENSITIVITY_IMAGES = 128
 
 
-def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str | None = None) -> dict[str, Any]:
+def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str | None = None,
+               overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run this worker's share of the study ``search.study_name`` and, once it is complete, its summary.
 
     Storage and space are checked before any trial: an unreachable storage or a study of the
@@ -59,7 +62,9 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
     print(f"study {name!r} at {redact(resolve(s.storage, project_dir))}: {space.describe()}; "
           f"{counts(study)[TrialState.COMPLETE]} complete trials so far", flush=True)
 
-    parent = _parent_recorder(cfg, study, created, name, project_dir, sweep)
+    parent = _parent_recorder(cfg, study, created, name, project_dir, sweep, overrides)
+    if parent.run_id is not None:
+        print(f"mlflow: study run {parent.run_id} at {parent.uri}; runs table {parent.runs_url()}", flush=True)
     try:
         models = LayoutModels(job.model, cfg.quant, job.calib, space, cfg.adaround, cfg.lsq, progress=cfg.progress,
                           kernels=cfg.export.kernels)
@@ -81,7 +86,7 @@ def run_search(cfg: DictConfig, output_dir: Path, project_dir: Path, sweep: str 
 
 
 def _parent_recorder(cfg: DictConfig, study: optuna.Study, created: bool, name: str, project_dir: Path,
-                     sweep: str | None) -> Recorder | NullRecorder:
+                     sweep: str | None, overrides: Sequence[str]) -> Recorder | NullRecorder:
     """The study's MLflow run: made by the worker that created the study, joined (by its id) by the others."""
     if not cfg.tracking.enabled:
         return NullRecorder()
@@ -95,7 +100,7 @@ def _parent_recorder(cfg: DictConfig, study: optuna.Study, created: bool, name: 
     sweep_parent = rec.sweep_parent(sweep, cfg.name) if sweep else None
     rec.start(f"study:{name}", {**run_tags(cfg), "qsweep.kind": "study", "qsweep.study": name},
               parent_run_id=sweep_parent)
-    rec.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    rec.log_params(run_params(cfg, overrides))
     study.set_user_attr("mlflow_parent_run_id", rec.run_id)
     return rec
 

@@ -30,10 +30,11 @@ from qsweep.quant.plan import resolve_plan
 from qsweep.report import format_table
 from qsweep.score import compute_score
 from qsweep.search.retries import claim, claim_retry, enqueue_retry, fail_dead_trials
-from qsweep.search.space import SearchSpace
+from qsweep.search.space import FLOAT, SearchSpace
 from qsweep.search.storage import StorageError
 from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
-from qsweep.tracking import NullRecorder, Recorder, flatten
+from qsweep.run_params import layout_hash
+from qsweep.tracking import NullRecorder, Recorder
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 MAX_FAILURES_IN_A_ROW = 5
@@ -108,15 +109,26 @@ class Worker:
             raise
 
     def _trial_recorder(self, trial: optuna.Trial, layout: dict) -> Recorder | NullRecorder:
-        """The trial's MLflow run, nested under the study's, with its layout as params."""
+        """The trial's MLflow run, nested under the study's, with its layout as params (:meth:`layout_params`)."""
         rec = self.parent.fork()
         rec.start(f"{trial.study.study_name}:trial {trial.number}",
                   {**self.tags, "qsweep.kind": "trial", "optuna.trial": str(trial.number)},
                   parent_run_id=self.parent.run_id)
         if rec.run_id is not None:  # tracked: the trial names its run (a retry's run says so)
             trial.set_user_attr("mlflow_run_id", rec.run_id)
-        rec.log_params({f"layout.{k}": v for k, v in flatten(layout).items()})
+        rec.log_params(self.layout_params(layout))
         return rec
+
+    def layout_params(self, layout: dict) -> dict[str, str]:
+        """A layout in a few params, not one per layer (DeiT-S has 50, each a runs-table column): the
+        ``layout`` hash a run of it records (the best run's matches its trial's), and the widths in group
+        order (``trials.csv``'s columns; 32 = float)."""
+        q = self.cfg.quant
+        layers = {**OmegaConf.to_container(q.layers), **self.space.overrides(layout)}
+        params = {"layout": layout_hash(q.skip, layers), "layout.w_bits": ",".join(str(c["w"]) for c in layout.values())}
+        if any("a" in c for c in layout.values()):
+            params["layout.a_bits"] = ",".join(str(c.get("a", FLOAT)) for c in layout.values())
+        return params
 
     def _measure(self, trial: optuna.Trial, layout: dict, metrics: dict[str, float]):
         """Size and top-1 of ``layout``, reported step by step so the pruner can stop it; fills ``metrics``."""
