@@ -1,14 +1,86 @@
-"""Shared fixtures. Add yours below; keep the session cache fixtures."""
+"""Shared fixtures. Add yours below; keep the session cache fixtures.
+
+``make test`` runs the suite on pytest-xdist workers, one per core (``-n auto``, ``--dist loadgroup``
+from pyproject.toml). All workers of a run share one throwaway qsweep cache, so the digits ViT is
+trained, and each FP32 reference measured, once per run rather than once per worker. Tests that
+must not overlap one another carry ``@pytest.mark.xdist_group("serial")``: one worker runs them all,
+one after another.
+"""
 
 from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 
+def _worker(config) -> str | None:
+    """This process's xdist worker id ("gw0", ...), or None when not running under xdist."""
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def pytest_configure(config):
+    # No MLflow telemetry thread (mlflow decides when imported, at collection, before pytest marks a test
+    # as running): no network from the tests, and no thread to hold a lock when a test forks.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if _worker(config):
+        # One worker per core: one torch thread each, in the CLI processes they start too; more threads
+        # only spin-wait on cores the other workers are using (the digits ViT's ops are tiny anyway).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def _uses_digits_vit(item) -> bool:
+    return "digits_vit" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, an order that keeps both cores busy (a plain ``pytest`` keeps the file order).
+
+    The serial group first (the first worker takes it as one unit while it trains the digits ViT, see
+    ``_digits_vit_early``), then the tests that do not need the ViT (the other worker runs them
+    meanwhile, instead of waiting for the training), each part with its CLI runs (``slow``) first,
+    so that no long test is left alone at the end. Stable: a module's tests keep their order.
+    """
+    if not _worker(config):
+        return
+
+    def rank(item):
+        group = item.get_closest_marker("xdist_group")
+        serial = group is not None and "serial" in (*group.args, group.kwargs.get("name"))
+        return not serial, _uses_digits_vit(item), item.get_closest_marker("slow") is None
+
+    items.sort(key=rank)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` across processes (xdist workers); the kernel drops it if we die."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def qsweep_cache(tmp_path_factory):
-    """A throwaway qsweep cache for the whole session (``$QSWEEP_CACHE``, inherited by subprocesses)."""
-    path = tmp_path_factory.mktemp("qsweep_cache")
+def qsweep_cache(tmp_path_factory, request):
+    """A throwaway qsweep cache for the whole run (``$QSWEEP_CACHE``, inherited by subprocesses).
+
+    Under xdist each worker's base temp folder lies in the run's, and the cache is made beside them,
+    one for all workers: every qsweep cache writer is atomic (temp file + rename), so they can share it.
+    """
+    if _worker(request.config):
+        path = tmp_path_factory.getbasetemp().parent / "qsweep_cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("qsweep_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QSWEEP_CACHE", str(path))
         yield path
@@ -25,10 +97,23 @@ def digits_bundle():
 
 @pytest.fixture(scope="session")
 def digits_vit(digits_bundle, qsweep_cache):
-    """The embedded digits ViT, trained once per session into the throwaway cache."""
+    """The embedded digits ViT, trained once per run into the throwaway cache.
+
+    Under the lock the first worker to need it trains it, and the others, once it is written, load
+    the same weights from the cache instead of each training its own.
+    """
     from qsweep.models import load_digits_vit
 
-    return load_digits_vit(digits_bundle, qsweep_cache, progress=False)
+    with _locked(qsweep_cache.parent / "qsweep_cache.lock"):
+        return load_digits_vit(digits_bundle, qsweep_cache, progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _digits_vit_early(request, qsweep_cache):
+    """Worker gw0 trains the digits ViT before its first test, while the others start on the tests that
+    do not need it (see ``pytest_collection_modifyitems``); without xdist it is trained when first needed."""
+    if _worker(request.config) == "gw0" and any(map(_uses_digits_vit, request.session.items)):
+        request.getfixturevalue("digits_vit")
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,7 @@ def test_a_dead_run_is_failed_with_the_reason_it_left_and_killed_without_one(tmp
         assert run.info.status == "KILLED" and "is gone: it was killed" in run.data.tags["error"]
 
 
+@pytest.mark.xdist_group("serial")  # binds a port on 127.0.0.1 (see conftest.py)
 def test_a_refused_config_with_an_unusable_store_is_the_error_line_alone(tmp_path, monkeypatch, capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

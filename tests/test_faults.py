@@ -50,7 +50,9 @@ def _first_use(uri: str, barrier, results) -> None:
 
 def test_parallel_first_runs_share_a_new_store_safely(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ctx = multiprocessing.get_context("spawn")
+    # fork: the children need only qsweep.tracking, already imported here (spawned, each re-imported this
+    # module, torch and all, for ~8 s of CPU); each still opens the new store on its own, at once
+    ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(3), ctx.Queue()
     procs = [ctx.Process(target=_first_use, args=(uri, barrier, results)) for _ in range(3)]
     for p in procs:
@@ -190,6 +192,7 @@ def test_checks_before_any_work(tmp_path):
     assert any("cache_dir" in r.data.tags["error"] for r in found)
 
 
+@pytest.mark.xdist_group("serial")  # binds a port on 127.0.0.1 (see conftest.py)
 def test_an_unreachable_tracking_server_is_named_within_seconds(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,9 @@ from qsweep.rdb import CONNECT_TIMEOUT_S, connect_args, is_server_url
 from qsweep.tracking import PROBE_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
+# A port bound and released here could be taken by another test that binds one meanwhile: one
+# worker runs every test that binds a port on 127.0.0.1, one after another (see conftest.py).
+pytestmark = pytest.mark.xdist_group("serial")
 
 
 @pytest.fixture
