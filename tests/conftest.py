@@ -9,12 +9,11 @@ one after another.
 
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+
+from qsweep.locks import file_lock
 
 
 def _worker(config) -> str | None:
@@ -58,17 +57,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
-@contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` across processes (xdist workers); the kernel drops it if we die."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def qsweep_cache(tmp_path_factory, request):
     """A throwaway qsweep cache for the whole run (``$QSWEEP_CACHE``, inherited by subprocesses).
@@ -104,7 +92,7 @@ def digits_vit(digits_bundle, qsweep_cache):
     """
     from qsweep.models import load_digits_vit
 
-    with _locked(qsweep_cache.parent / "qsweep_cache.lock"):
+    with file_lock(qsweep_cache.parent / "qsweep_cache.lock"):
         return load_digits_vit(digits_bundle, qsweep_cache, progress=False)
 
 
