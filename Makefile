@@ -66,7 +66,7 @@ vision-photos:
 # (see experiments/search/README.md, whose table this rewrites). ~40 min on 2 cores.
 bench-search-real: vision-photos
 	$(BIN)/pip install --quiet -e ".[realvision]"
-	$(BIN)/python experiments/search/bench_search_real.py --readme experiments/search/README.md
+	$(BIN)/python experiments/search/bench_search_real.py --trials 24 --readme experiments/search/README.md
 
 # The MLflow UI over the project's store, landing (a browser opens on a desktop) on the runs table sorted by score.
 ui:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     timings = QuantizeTimings()
     qmodel = quantize(job.model, cfg.quant, job.calib, progress=cfg.progress, timings=timings,
                       adaround=cfg.adaround, lsq=cfg.lsq)
+    if timings.mixed:
+        _record_mixed(ctx, timings.mixed)
     backend, q, fallbacks = _evaluate_quantized(ctx, job, qmodel, timings)
     exported = _export(ctx, job, qmodel)
     rows = layer_table(qmodel)
@@ -147,6 +150,15 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
         raise ArtifactMismatch(f"exported artifact {exported.path} scores top-1 {exported.check.top1:.4f} % but "
                                f"the in-process model scored {q.top1:.4f} %")
     return result
+
+
+def _record_mixed(ctx: RunContext, mixed: dict[str, Any]) -> None:
+    """quant.mixed's chosen widths: ``mixed.json`` in the run folder and as an artifact, a tag counting the widths."""
+    path = write_text(ctx.output_dir / "mixed.json", json.dumps(mixed, indent=1))
+    ctx.recorder.log_artifact(path)
+    counts = Counter(mixed["widths"].values())
+    ctx.recorder.set_tags({"mixed_widths": ", ".join(f"W{b}: {counts[b]}" for b in sorted(counts))})
+    ctx.recorder.log_metrics({"mixed_budget_mb": mixed["budget_bytes"] / 1e6, "mixed_s": mixed["seconds"]})
 
 
 def _evaluate_quantized(ctx: RunContext, job: Prepared, qmodel: torch.nn.Module,

@@ -45,8 +45,10 @@ SOFTMAX_QUANTIZERS = ("uniform", "log2")
 POST_LN_MODES = ("off", "reparam", "smooth")
 INTOPS = ("off", "ivit")
 SAMPLERS = ("tpe", "random", "nsga2")
-OBJECTIVES = ("score", "pareto")
-SEARCH_GROUPS = ("layer", "block", "type")
+# score: the configured score; pareto: search.quality up and size down; agreement / kl / cosine: fidelity to FP32
+OBJECTIVES = ("score", "pareto", "agreement", "kl", "cosine")
+QUALITIES = ("top1", "agreement", "kl", "cosine")  # qsweep.search.fidelity.QUALITIES: a layout's quality measures
+SEARCH_GROUPS = ("layer", "block", "type", "role")
 PRUNERS = ("bound", "median", "none")
 
 
@@ -98,6 +100,9 @@ class GPTQConfig:
     num_samples: int = 128  # calibration samples the Hessians are collected on
     sequential: bool = True  # layer by layer in execution order, inputs after the earlier layers are rounded;
     #                          false: every Hessian from one pass of the nearest-rounded model
+    # Layers with more weight bits keep nearest rounding: on Lite0's 84 calibration views GPTQ at 6 and 8 bits
+    # fits the views, not the model (experiments/realvision). null: every layer.
+    max_bits: Optional[int] = None
 
 
 @dataclass
@@ -134,6 +139,20 @@ class RotateConfig:
 
 
 @dataclass
+class MixedConfig:
+    """One weight width per layer under an artifact-size budget (qsweep.quant.mixed), chosen before quantizing."""
+
+    enabled: bool = False
+    widths: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 8])  # the widths a layer may take
+    budget_fraction: float = 0.6  # of the artifact with every chosen layer at the widest width
+    budget_mb: Optional[float] = None  # the artifact's size in MB (1e6 bytes); overrides budget_fraction
+    layers: list[str] = field(default_factory=lambda: ["*"])  # globs / kinds whose width is chosen; others keep theirs
+    num_samples: int = 128  # calibration samples the Fisher information is measured on (one backward pass per draw)
+    draws: int = 2  # labels drawn per sample from the model's own softmax
+    kernels: str = "int"  # the artifact form whose bytes the budget counts: the run's export.kernels
+
+
+@dataclass
 class QuantConfig:
     name: str = "w4a8"
     weight: TensorQuantConfig = field(
@@ -153,6 +172,7 @@ class QuantConfig:
     residual_bits: Optional[int] = 16  # intops=ivit: residual stream width (timm Blocks); null: float
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     bias_correction: BiasCorrectionConfig = field(default_factory=BiasCorrectionConfig)
+    mixed: MixedConfig = field(default_factory=MixedConfig)
 
 
 @dataclass
@@ -198,16 +218,29 @@ class SearchConfig:
     timeout_s: Optional[float] = None  # this worker stops starting trials after this many seconds
     sampler: str = "tpe"  # tpe | random | nsga2
     seed: Optional[int] = 0  # sampler seed; null: nondeterministic (use for several workers)
-    objective: str = "score"  # score (the configured score) | pareto (maximize top-1, minimize size)
+    # score (the configured score) | pareto (search.quality up, size down) | fidelity to the FP32 model's outputs on
+    # the trial images, no labels needed: agreement (top-1 agreement, %, up) | kl (mean KL(FP32 || quantized), down)
+    # | cosine (mean cosine of the output vectors, up)
+    objective: str = "score"
+    quality: str = "top1"  # objective=pareto: its quality axis, top1 | agreement | kl | cosine
+    # A hard size budget in the artifact's exact bytes (the grader's torch.save of the loaded program): a layout
+    # over it is not evaluated (pruned, its reason in the trial's `over_budget` attr; the sampler learns the
+    # feasible region). null: none. Both set: the smaller one.
+    max_size_mb: Optional[float] = None
+    max_size_fraction: Optional[float] = None  # of the FP32 model's size (fp32_size_mb: torch.save of its state dict)
     w_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     a_bits: Optional[list[int]] = None  # null: the recipe's activation bits for every layer
     allow_float: bool = False  # keeping a layer in float is one of the choices
-    group_by: str = "layer"  # layer | block (one choice per transformer block / stage) | type (per layer kind)
+    # layer | block (one choice per transformer block / stage) | type (per layer kind) | role: the first layer, the
+    # last one (classifier) and each depthwise conv alone (quant.layers' @first / @last / @depthwise), others per block
+    group_by: str = "layer"
     layers: list[str] = field(default_factory=lambda: ["*"])  # globs of the layers searched; others keep the recipe
     warm_start: Optional[list[int]] = None  # uniform layouts enqueued first; null: one per width in w_bits
-    greedy: bool = True  # also enqueue sensitivity-guided layouts (one per budget)
+    # also enqueue sensitivity-guided layouts: per budget, the least summed per-layer sensitivity that fits it
+    # (an exact multiple-choice knapsack over the artifact's bytes, checked by the exact size)
+    greedy: bool = True
     greedy_budget_mb: Optional[float] = None  # their size budget; null: each uniform layout's size between
-    #                                           the narrowest and the widest width
+    #                                           the narrowest and the widest width; capped by the size budget
     pruner: str = "bound"  # bound: stop a trial that can no longer beat the best | median | none
     prune_steps: int = 4  # partial evaluations reported per trial
     trial_images: Optional[int] = None  # test images per trial (a seeded subset); null: all
@@ -432,12 +465,32 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     _bits("quant.residual_bits", q.residual_bits, (8, 32), allow_float=True)
     validate_gptq(q.gptq)
     validate_rotate(q.rotate)
+    validate_mixed(q.mixed)
     _in_range("quant.bias_correction.num_samples", q.bias_correction.num_samples, 1, 10**6,
               "need at least 1 calibration sample")
     for key in ("layers", "match_float"):
         for pattern in q.bias_correction[key] or ():
             if str(pattern).startswith("@"):
                 _choice(f"quant.bias_correction.{key} entry", pattern, LAYER_KINDS)
+
+
+def validate_mixed(m: MixedConfig | DictConfig) -> None:
+    if not m.widths:
+        raise ConfigError("quant.mixed.widths=[] is empty; give the weight widths a layer may take, e.g. [3, 4, 5, 6, 8]")
+    for bits in m.widths:
+        _bits("quant.mixed.widths entry", bits, WEIGHT_BITS, allow_float=False)
+    _in_range("quant.mixed.budget_fraction", m.budget_fraction, 1e-6, 1.0,
+              "a fraction of the artifact with every chosen layer at the widest width, in (0, 1]")
+    if m.budget_mb is not None:
+        _in_range("quant.mixed.budget_mb", m.budget_mb, 1e-6, 1e9, "the artifact's size in MB, > 0")
+    if not m.layers:
+        raise ConfigError("quant.mixed.layers=[] selects nothing; use ['*'] for every quantized layer")
+    for pattern in m.layers:
+        if str(pattern).startswith("@"):
+            _choice("quant.mixed.layers entry", pattern, LAYER_KINDS)
+    _in_range("quant.mixed.num_samples", m.num_samples, 1, 10**6, "need at least 1 calibration sample")
+    _in_range("quant.mixed.draws", m.draws, 1, 1000, "need at least 1 label draw per sample")
+    _choice("quant.mixed.kernels", m.kernels, EXPORT_KERNELS)
 
 
 def validate_rotate(r: RotateConfig | DictConfig) -> None:
@@ -451,6 +504,7 @@ def validate_gptq(g: GPTQConfig | DictConfig) -> None:
     _in_range("quant.gptq.damp", g.damp, 1e-12, 1.0, "damp must be in (0, 1]")
     _in_range("quant.gptq.block_size", g.block_size, 1, 10**6, "block_size must be >= 1")
     _in_range("quant.gptq.num_samples", g.num_samples, 1, 10**7, "need at least 1 calibration sample")
+    _bits("quant.gptq.max_bits", g.max_bits, WEIGHT_BITS, allow_float=True)
 
 
 def gptq_replaced_by(gptq: GPTQConfig | DictConfig, adaround: AdaRoundConfig | DictConfig,
@@ -497,6 +551,15 @@ def validate_search(s: SearchConfig | DictConfig) -> None:
         _in_range("search.timeout_s", s.timeout_s, 1e-3, 1e9, "must be > 0, or null for no limit")
     _choice("search.sampler", s.sampler, SAMPLERS)
     _choice("search.objective", s.objective, OBJECTIVES)
+    _choice("search.quality", s.quality, QUALITIES)
+    if s.quality != "top1" and s.objective != "pareto":
+        raise ConfigError(f"search.quality={s.quality!r} is not allowed with search.objective={s.objective!r}: it is "
+                          f"pareto's quality axis; set search.objective=pareto, or search.objective={s.quality} alone")
+    if s.max_size_mb is not None:
+        _in_range("search.max_size_mb", s.max_size_mb, 1e-6, 1e9, "must be > 0 MB, or null for no budget")
+    if s.max_size_fraction is not None:
+        _in_range("search.max_size_fraction", s.max_size_fraction, 1e-6, 1.0,
+                  "a fraction of the FP32 model's size, or null for no budget")
     _choice("search.group_by", s.group_by, SEARCH_GROUPS)
     _choice("search.pruner", s.pruner, PRUNERS)
     if not s.w_bits:
@@ -614,6 +677,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"eval.backend={out.eval.backend!r} with export.kernels={out.export.kernels!r}: the "
                           "artifact would not compute what is evaluated; set eval.backend=auto (or "
                           f"{out.export.kernels!r}), or export.kernels={out.eval.backend!r}")
+    if out.quant.mixed.enabled and out.quant.mixed.kernels != out.export.kernels:
+        raise ConfigError(f"quant.mixed.kernels={out.quant.mixed.kernels!r} with export.kernels="
+                          f"{out.export.kernels!r}: the size budget would count another artifact than the one "
+                          f"exported; set quant.mixed.kernels={out.export.kernels!r}")
     validate_adaround(out.adaround)
     validate_lsq(out.lsq)
     validate_search(out.search)

@@ -3,7 +3,7 @@
 import itertools
 import random
 
-from qsweep.search.knapsack import knapsack
+from qsweep.quant.knapsack import knapsack
 
 
 def brute_force(options, budget):

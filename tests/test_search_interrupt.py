@@ -67,7 +67,7 @@ def test_an_interrupted_trial_is_retried_first_however_often_and_whatever_stoppe
         return ran[-1]
 
     worker = SimpleNamespace(cfg=OmegaConf.create({"search": {"n_trials": 2, "timeout_s": None, "heartbeat_s": 10}}),
-                             objective=objective, parent=NullRecorder())
+                             objective=objective, parent=NullRecorder(), after_trial=lambda study: None)
     for stop in (KeyboardInterrupt, Stopped):
         with pytest.raises(stop):
             work(study, worker, heartbeat=True)

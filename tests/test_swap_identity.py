@@ -17,7 +17,7 @@ from torch import nn
 
 import qsweep
 from qsweep.config import quant_recipe, shipped_recipe
-from qsweep.export import export_artifact
+from qsweep.export import artifact_bytes, export_artifact
 from qsweep.quant.calibrate import QuantizeTimings
 from qsweep.quant.fold import fold_weight_standardization
 from qsweep.quant.intkernel import to_int_backend
@@ -161,9 +161,8 @@ def test_w8a8_int_layers_compute_the_fake_quant_layers(arch, one_thread):
 
 
 def test_cnn_w4a8_on_a_depthwise_separable_net(one_thread):
-    """cnn_w4a8: depthwise convs and the stem at 8 bits, every conv GPTQ-rounded (the depthwise ones per
-    channel), the classifier too when there are enough calibration rows. (Its quality is argued on real
-    weights: experiments/realvision.)"""
+    """cnn_w4a8: widths mixed under 0.6x the 8-bit artifact, GPTQ on the layers of 5 bits or fewer, nearest
+    rounding above. (Its quality is argued on real weights: experiments/realvision.)"""
     model, _ = build("mobilenetv3_small_100")
     _, *batches = (torch.randn(8, 3, 33, 33, generator=torch.Generator().manual_seed(s)) for s in range(3))
     timings = QuantizeTimings()
@@ -171,8 +170,8 @@ def test_cnn_w4a8_on_a_depthwise_separable_net(one_thread):
     recipe.gptq.sequential = False  # one pass for every Hessian: the sequential order is test_gptq's
     qmodel = qsweep.quantize(model, recipe, batches, timings=timings)
     bits = {n: m.w_bits for n, m in quant_layers(qmodel).items()}
-    assert bits["conv_stem"] == 8 and bits["blocks.1.0.conv_dw"] == 8 and bits["blocks.1.0.conv_pw"] == 4
-    assert bits["classifier"] == 4
+    assert bits == timings.mixed["widths"] and len(set(bits.values())) > 1
+    assert artifact_bytes(qmodel, "int") == timings.mixed["bytes"] <= 0.6 * timings.mixed["uniform_bytes"][8]
     gptq = timings.reconstruct["gptq"]
-    assert gptq["layers"]["blocks.1.0.conv_dw"]["error_after"] < gptq["layers"]["blocks.1.0.conv_dw"]["error_before"]
-    assert "classifier" in gptq["skipped"]  # 16 rows for 1024 columns
+    assert all("quant.gptq.max_bits=5" in gptq["skipped"][n] for n, b in bits.items() if b > 5)
+    assert all(n in gptq["layers"] or n in gptq["skipped"] for n in bits)

@@ -153,7 +153,7 @@ def build(row: Row, s: Setup) -> tuple[nn.Module, dict]:
     numel = sum(layer.weight.numel() for layer in layers.values())
     worst = min(sqnr, key=sqnr.get)
     finite = [v for v in sqnr.values() if v != float("inf")]
-    return q, {"size_mb": round(artifact_size_mb(q), 3), "layers": len(sqnr),
+    return q, {"size_mb": round(artifact_size_mb(q, "int"), 3), "layers": len(sqnr),
                "avg_w_bits": round(sum(la.w_bits * la.weight.numel() for la in layers.values()) / numel, 3),
                "min_layer_sqnr_db": round(sqnr[worst], 2), "min_layer": worst,
                "mean_layer_sqnr_db": round(sum(finite) / max(len(finite), 1), 2),
@@ -201,7 +201,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"{head} n/a: {' '.join(r['error'].split())[:140]} | | | | | | |")
             continue
         sqnr = f"{r['min_layer_sqnr_db']:.1f} ({r['min_layer']})" if r["min_layer"] else "-"
-        size = f"{r['size_mb']:.2f}" if r["size_mb"] is not None else "-"
+        size = f"{r['size_mb']:.3f}" if r["size_mb"] is not None else "-"
         lines.append(f"{head} {r['top1_agreement']:.1f} % | {r['top5_agreement']:.1f} % | "
                      f"{pct(r['top1_agreement_confident'])} | {r['kl']:.4f} | "
                      f"{sqnr} | {size} | {r['seconds']:.1f} |")

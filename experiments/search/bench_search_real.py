@@ -14,6 +14,9 @@ each given the same number of evaluated layouts (``--trials``; the ladder has on
 * **random**: layouts drawn uniformly, one width per layer;
 * **HAWQ knapsack** (``hawq.py``): Hessian-trace x perturbation sensitivity per layer and width, the
   exact multiple-choice knapsack at ``--trials`` budgets spread between the W3 and W8 sizes;
+* **mixed** (``quant.mixed``, what ``quant=cnn_w4a8`` runs): per layer and width the rounding error weighted
+  by the diagonal Fisher information (labels drawn from the model's own softmax on the calibration views),
+  the exact knapsack at the same budgets as HAWQ;
 * **qsweep study**: qsweep's own search (its space, TPE sampler and warm start: the uniform ladder and
   sensitivity-guided greedy layouts), multi-objective (agreement up, size down), driven in-process.
 
@@ -48,15 +51,16 @@ import hawq  # noqa: E402
 from qsweep.analysis.sensitivity import compute_sensitivity  # noqa: E402
 from qsweep.config import SearchConfig, shipped_recipe  # noqa: E402
 from qsweep.quant.fold import fold_batchnorm  # noqa: E402
-from qsweep.search.greedy import greedy_layout, layer_noise  # noqa: E402
-from qsweep.search.knapsack import knapsack  # noqa: E402
+from qsweep.quant.mixed import WidthPlanner  # noqa: E402
+from qsweep.quant.knapsack import knapsack  # noqa: E402
 from qsweep.search.plots import pareto_front  # noqa: E402
 from qsweep.search.space import SearchSpace  # noqa: E402
 from qsweep.search.study import layer_names_of, make_sampler  # noqa: E402
 from qsweep.search.trials import LayoutModels  # noqa: E402
+from qsweep.search.warm import knapsack_layout, layer_noise  # noqa: E402
 
-METHODS = ("uniform", "random", "hawq", "qsweep")
-SENSITIVITY_VIEWS = 128  # as the command line's warm start (qsweep.search.run.SENSITIVITY_IMAGES)
+METHODS = ("uniform", "random", "hawq", "mixed", "qsweep")
+SENSITIVITY_VIEWS = 128  # as the command line's warm start (qsweep.search.warm.SENSITIVITY_IMAGES)
 
 
 class Bench:
@@ -150,9 +154,25 @@ def hawq_knapsack(b: Bench, budgets: list[float]) -> tuple[list[dict], float]:
     return rows, seconds
 
 
+def mixed_knapsack(b: Bench, budgets: list[float]) -> tuple[list[dict], float]:
+    """qsweep's ``quant.mixed`` choice (Fisher-weighted rounding error, exact knapsack on the artifact's bytes)
+    at each budget, assembled from the same codes as every other method; returns the rows and the seconds
+    its measurement took."""
+    start = time.perf_counter()
+    recipe = OmegaConf.merge(b.recipe, {"mixed": {"enabled": True, "widths": b.space.w_choices, "kernels": "fake"}})
+    planner = WidthPlanner(b.fp, recipe, b.calib)
+    seconds = time.perf_counter() - start
+    rows = []
+    for budget in budgets:
+        if budget * 1e6 >= planner.uniform[min(b.space.w_choices)]:
+            pick = planner.choose(int(budget * 1e6))["widths"]
+            rows.append(b.evaluate("mixed", {n: {"w": w} for n, w in pick.items()}, f"budget {budget:.3f} MB"))
+    return rows, seconds
+
+
 def qsweep_study(b: Bench, trials: int, budgets: list[float]) -> list[dict]:
-    """qsweep's search: its sampler and warm start (uniform ladder, greedy layouts from its per-layer
-    sensitivity at the budgets), maximizing search-half agreement and minimizing size."""
+    """qsweep's search: its sampler and warm start (uniform ladder, the knapsack layouts of its per-layer
+    sensitivity at the budgets: ``qsweep.search.warm``), maximizing search-half agreement and minimizing size."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     x, y = b.inputs["search"][:SENSITIVITY_VIEWS], b.ref["search"][:SENSITIVITY_VIEWS].argmax(1)
     loader = list(zip(x.split(vision.EVAL_BATCH), y.split(vision.EVAL_BATCH)))
@@ -160,7 +180,8 @@ def qsweep_study(b: Bench, trials: int, budgets: list[float]) -> list[dict]:
                               progress=False)
     noise = layer_noise(doc["rows"], 4)
     seeds = [b.space.uniform(w) for w in sorted(b.space.w_choices, reverse=True)]
-    seeds += [greedy_layout(b.space, noise, b.models.estimate_mb, budget) for budget in budgets]
+    seeds += [layout for budget in budgets
+              if (layout := knapsack_layout(b.space, b.models, noise, int(budget * 1e6))) is not None]
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=make_sampler(OmegaConf.create({"sampler": "tpe", "seed": 0})))
     for layout in seeds:
@@ -211,7 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"uniform": "s-", "random": ".", "hawq": "^--", "qsweep": "o-"}
+    styles = {"uniform": "s-", "random": ".", "hawq": "^--", "mixed": "v-", "qsweep": "o-"}
     for method, front in fronts(rows, "test").items():
         mine = [r for r in rows if r["method"] == method]
         ax.plot([r["size_mb"] for r in mine], [r["search_agreement"] for r in mine], styles[method][0], alpha=0.2)
@@ -248,6 +269,8 @@ def main() -> None:
     rows += random_search(b, args.trials)
     hawq_rows, b.info["hawq_sensitivity_s"] = hawq_knapsack(b, sorted(set(spread) | set(budgets.values())))
     rows += hawq_rows
+    mixed_rows, b.info["mixed_sensitivity_s"] = mixed_knapsack(b, sorted(set(spread) | set(budgets.values())))
+    rows += mixed_rows
     rows += qsweep_study(b, args.trials, sorted(budgets.values()))
     # On the half no method saw: each method's front on the search half and its pick under each budget.
     picked = [r for front in fronts(rows, "search").values() for r in front]

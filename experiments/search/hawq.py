@@ -5,7 +5,7 @@ HAWQ-V2 measures a layer's sensitivity as the average Hessian trace of the loss 
 weights, ``Tr(H_l) / n_l``, estimated with Hutchinson's method, times the squared norm of the
 quantization perturbation ``||Q_b(W_l) - W_l||^2``; HAWQ-V3 picks one width per layer by an integer
 program minimizing the summed sensitivity under a size (or latency) budget: here the exact
-multiple-choice knapsack of :func:`qsweep.search.knapsack.knapsack`.
+multiple-choice knapsack of :func:`qsweep.quant.knapsack.knapsack`.
 """
 
 from __future__ import annotations

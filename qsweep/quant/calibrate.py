@@ -33,6 +33,7 @@ class QuantizeTimings:
     # quant.vit.attn_matmul / quant.intops: attention layer -> why its matmuls or softmax were left alone
     attn_skipped: dict[str, str] = field(default_factory=dict)
     smooth: dict[str, Any] = field(default_factory=dict)  # quant.smooth: the alpha chosen per layer
+    mixed: dict[str, Any] = field(default_factory=dict)  # quant.mixed: the widths chosen (qsweep.quant.mixed)
 
 
 def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],

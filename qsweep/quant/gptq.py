@@ -268,6 +268,14 @@ def _finishing(order: list[str], layers: Mapping[str, QuantLayer], blocks: Mappi
 
 
 @torch.no_grad()
+def _within_max_bits(layers: Mapping[str, QuantLayer], max_bits: int | None) -> tuple[dict, dict[str, str]]:
+    """The layers GPTQ rounds (``quant.gptq.max_bits`` bits or fewer), and why each other one keeps nearest rounding."""
+    wide = {n: layer.qweight.grid.bits for n, layer in layers.items()
+            if max_bits is not None and layer.qweight.grid.bits > max_bits}
+    todo = {n: layer for n, layer in layers.items() if n not in wide}
+    return todo, {n: f"{b} bits > quant.gptq.max_bits={max_bits}: nearest rounding" for n, b in wide.items()}
+
+
 def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Mapping[str, torch.Tensor],
                progress: bool = False) -> dict[str, Any]:
     """Re-round every integer weight of a calibrated ``model`` with GPTQ; in place.
@@ -281,7 +289,7 @@ def apply_gptq(model: nn.Module, batches: list[Any], cfg: Any, float_weights: Ma
     start = time.perf_counter()
     cfg = merge_config(GPTQConfig, cfg, "quant.gptq", validate_gptq)
     weighted = weighted_layers(model)
-    todo, skipped = dict(weighted), {}
+    todo, skipped = _within_max_bits(weighted, cfg.max_bits)
     missing = [name for name in todo if name not in float_weights]
     if missing:
         raise ReconstructionError(f"quant.gptq: no float weights for {missing[:3]}; run GPTQ through qsweep.quantize "

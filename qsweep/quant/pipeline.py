@@ -17,6 +17,7 @@ from qsweep.quant.bias_correct import correct_biases
 from qsweep.quant.calibrate import QuantizeTimings, calibrate, prepare
 from qsweep.quant.gptq import apply_gptq
 from qsweep.quant.lsq import apply_lsq
+from qsweep.quant.mixed import choose_widths, with_widths
 from qsweep.quant.quantizer import CalibrationError
 from qsweep.quant.reconstruct import merge_config
 
@@ -31,9 +32,9 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     ``model`` instead of a deep copy; ``timings`` receives the seconds of each step and their statistics.
     ``adaround`` / ``lsq``: :class:`qsweep.config.AdaRoundConfig` / ``LSQConfig`` (or dicts); they learn
     against ``model`` (the FP reference) after calibration and take precedence over the recipe's GPTQ.
-    ``smoothing``: with ``recipe.smooth.enabled``, per-layer input scales to reuse instead of searching them
-    (:func:`qsweep.quant.smooth.input_divisors` of an earlier result, e.g. another bit width).
-    Returns the model in eval mode with quantized modules (:class:`qsweep.quant.modules.QuantLayer`).
+    ``recipe.mixed.enabled``: the widths are chosen first (:mod:`qsweep.quant.mixed`). ``smoothing``: with
+    ``recipe.smooth.enabled``, per-layer input scales to reuse instead of searching them (``input_divisors`` of
+    an earlier result). Returns the model in eval mode with quantized modules (``QuantLayer``).
     """
     recipe = quant_recipe(recipe)
     ada_cfg = merge_config(AdaRoundConfig, adaround or {}, "adaround", validate_adaround)
@@ -44,13 +45,14 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     batches = list(calib_batches)
     if not batches:
         raise CalibrationError("calibration got no batches: give at least one calibration batch")
+    timings = timings if timings is not None else QuantizeTimings()
+    recipe = _with_mixed_widths(model, recipe, batches, timings)
     fp_model = copy.deepcopy(model) if inplace and reconstruct else model
     model = model if inplace else copy.deepcopy(model)
     # The float weights after prepare()'s rewrites (BN folding, quant.vit.post_ln, ...): what the codes were rounded from.
     correct = bool(recipe.bias_correction.enabled)
     weights: dict[str, torch.Tensor] | None = {} if reconstruct or gptq or correct else None
     model.eval()
-    timings = timings if timings is not None else QuantizeTimings()
     if replaced is not None:
         timings.reconstruct["gptq"] = {"skipped": replaced}
     start = time.perf_counter()
@@ -70,6 +72,14 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
         timings.reconstruct["bias_correction"] = correct_biases(model, batches, recipe.bias_correction, weights)
         timings.reconstruct_s += time.perf_counter() - start
     return model
+
+
+def _with_mixed_widths(model: nn.Module, recipe, batches: list, timings: QuantizeTimings):
+    """``recipe`` with ``quant.mixed``'s chosen widths written out (unchanged when it is off)."""
+    if not recipe.mixed.enabled:
+        return recipe
+    timings.mixed = choose_widths(model, recipe, batches)
+    return with_widths(recipe, timings.mixed["widths"])
 
 
 def _learn(model: nn.Module, fp_model: nn.Module, batches: list, ada_cfg, lsq_cfg, weights: dict,

@@ -149,8 +149,10 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     modules = dict(model.named_modules())
     corrected = list(recipe.bias_correction.layers or [])
     matched = list(recipe.bias_correction.match_float or [])
+    mixed = list(recipe.mixed.layers) if recipe.mixed.enabled else []
     for key, patterns in (("quant.skip", skips), ("quant.layers", overrides),
-                          ("quant.bias_correction.layers", corrected), ("quant.bias_correction.match_float", matched)):
+                          ("quant.bias_correction.layers", corrected), ("quant.bias_correction.match_float", matched),
+                          ("quant.mixed.layers", mixed)):
         for pattern in patterns:
             if pattern not in KINDS and not any(matches(n, pattern) for n in candidates):
                 raise _unmatched(key, pattern, candidates, all_names)

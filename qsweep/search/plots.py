@@ -15,17 +15,28 @@ from qsweep.files import atomic_write  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (top-1, size) no other point beats on both (higher top-1, smaller size)."""
-    front = []
-    for i, (acc, size) in enumerate(points):
-        dominated = any((a >= acc and s <= size) and (a > acc or s < size) for a, s in points)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][1])
+    """Indices of the points (top-1, size) no other point beats on both (higher top-1, smaller size), by size.
+
+    One pass by size (ties: higher top-1 first): a point is beaten when a point before it has a higher
+    top-1, or the same top-1 at a smaller size; equal points do not beat each other.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
+    front: list[int] = []
+    best: tuple[float, float] | None = None  # the highest top-1 so far, at the smallest size it was reached
+    for i in order:
+        acc, size = points[i]
+        if best is None or acc > best[0]:
+            best = (acc, size)
+        elif acc < best[0] or size > best[1]:
+            continue
+        front.append(i)
+    return front
 
 
-def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path, title: str) -> Path:
-    front = pareto_front(points)
+def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path, title: str,
+                ylabel: str = "top-1 (%)", maximize: bool = True) -> Path:
+    """Quality (``ylabel``; higher is better unless not ``maximize``) against artifact size, the front drawn."""
+    front = pareto_front(points if maximize else [(-q, size) for q, size in points])
     fig, ax = plt.subplots(figsize=(7, 5))
     acc = [p[0] for p in points]
     size = [p[1] for p in points]
@@ -34,7 +45,7 @@ def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path
     for i in front:
         ax.annotate(labels[i], (size[i], acc[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _save(fig, ax, path)
 
@@ -69,14 +80,15 @@ def plot_layout_heatmap(layers: list[str], layouts: list[dict[str, int]], labels
     return _write(fig, path)
 
 
-def plot_history(numbers: list[int], values: list[float], pruned: list[bool], path: Path, ylabel: str) -> Path:
+def plot_history(numbers: list[int], values: list[float], pruned: list[bool], path: Path, ylabel: str,
+                 maximize: bool = True) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
     cut = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
     if done:
         ax.scatter(*zip(*done), s=16, c="C0", label="complete")
         order = sorted(done)
-        best = np.maximum.accumulate([v for _, v in order])
+        best = (np.maximum if maximize else np.minimum).accumulate([v for _, v in order])
         ax.step([n for n, _ in order], best, where="post", c="C3", label="best so far")
     if cut:
         ax.scatter(*zip(*cut), s=16, c="0.6", marker="x", label="pruned (last partial value)")

@@ -60,9 +60,11 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> int:
     """A waiting copy of ``trial`` (same layout), marked as optuna's heartbeat retries are; returns its number.
 
     The copy has no owner until a worker claims it (the dead owner's would make it look dead),
-    and no ``error``: it has not failed.
+    no ``error`` (it has not failed) and no size constraint (set again when it runs).
     """
-    attrs = {key: value for key, value in trial.system_attrs.items() if key != OWNER}
+    # Its constraint is measured again (optuna keeps the first value a trial sets).
+    attrs = {key: value for key, value in trial.system_attrs.items()
+             if key != OWNER and key.partition(":")[0] != "constraints"}
     attrs.update(failed_trial=trial.system_attrs.get("failed_trial", trial.number),
                  retry_history=[*trial.system_attrs.get("retry_history", []), trial.number])
     user_attrs = {key: value for key, value in trial.user_attrs.items() if key != "error"}

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from torch import nn
 
 from qsweep.config import ConfigError
-from qsweep.quant.plan import matches
+from qsweep.quant.plan import KINDS, QUANTIZABLE, matches
 
 FLOAT = 32  # the "keep in float" choice, as a bit width a table can sort
 
@@ -37,6 +39,19 @@ def type_of(name: str) -> str:
 GROUPERS = {"layer": lambda n: n, "block": block_of, "type": type_of}
 
 
+def role_grouper(model: nn.Module) -> Callable[[str], str]:
+    """``group_by=role``: the first and the last quantizable layer and every depthwise conv alone (the layer kinds
+    ``@first``, ``@last`` and ``@depthwise`` of ``quant.layers``, :data:`qsweep.quant.plan.KINDS`), others per block."""
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, QUANTIZABLE)]
+    alone = ("@first", "@last", "@depthwise")
+
+    def group(name: str) -> str:
+        return name if any(KINDS[kind](name, modules[name], names) for kind in alone) else block_of(name)
+
+    return group
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Groups of layers that share one weight (and optionally activation) width per trial."""
@@ -46,15 +61,19 @@ class SearchSpace:
     a_choices: tuple[int, ...] | None  # None: activations keep the recipe's width
 
     @classmethod
-    def build(cls, layer_names: list[str], search: Any) -> "SearchSpace":
-        """``layer_names``: the recipe's quantized-weight layers in model order; ``search``: the search config."""
+    def build(cls, layer_names: list[str], search: Any, model: nn.Module | None = None) -> "SearchSpace":
+        """``layer_names``: the recipe's quantized-weight layers in model order; ``search``: the search config;
+        ``model``: the float model (``group_by=role`` asks its layers what they are)."""
         picked = [n for n in layer_names if any(matches(n, p) for p in search.layers)]
         if not picked:
             raise ConfigError(f"search.layers={list(search.layers)} matches none of the quantized layers; "
                               f"first layer names: {layer_names[:6]}")
+        if search.group_by == "role" and model is None:
+            raise ValueError("search.group_by=role needs the model to tell depthwise, first and last layers")
+        grouper = role_grouper(model) if search.group_by == "role" else GROUPERS[search.group_by]
         groups: dict[str, list[str]] = {}
         for name in picked:
-            groups.setdefault(GROUPERS[search.group_by](name), []).append(name)
+            groups.setdefault(grouper(name), []).append(name)
         w = tuple(sorted(set(int(b) for b in search.w_bits))) + ((FLOAT,) if search.allow_float else ())
         a = tuple(sorted(set(int(b) for b in search.a_bits))) if search.a_bits else None
         return cls({g: tuple(names) for g, names in groups.items()}, w, a)
@@ -94,8 +113,12 @@ class SearchSpace:
 
     def uniform(self, w_bits: int) -> dict[str, dict[str, int]]:
         """Every group at ``w_bits``, activations at the widest searched width."""
+        return self.with_widths({g: w_bits for g in self.groups})
+
+    def with_widths(self, w_bits: dict[str, int]) -> dict[str, dict[str, int]]:
+        """The layout of one weight width per group, activations at the widest searched width (float: none)."""
         a = {"a": max(self.a_choices)} if self.a_choices is not None else {}
-        return {g: {"w": w_bits, **a} for g in self.groups}
+        return {g: {"w": w, **(a if w != FLOAT else {})} for g, w in w_bits.items()}
 
     def per_layer(self, layout: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         """``{layer: {"w": bits, "a": bits}}`` from a group layout."""

@@ -8,6 +8,7 @@ ordinary single-run pipeline.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import socket
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
@@ -27,17 +30,19 @@ from qsweep.config import compose_shipped, quant_recipe
 from qsweep.errors import QsweepError, interruption_taken
 from qsweep.files import atomic_write
 from qsweep.quant.plan import resolve_plan
-from qsweep.report import format_table
 from qsweep.score import compute_score
 from qsweep.search.retries import claim, claim_retry, enqueue_retry, fail_dead_trials
 from qsweep.search.space import FLOAT, SearchSpace
 from qsweep.search.storage import StorageError
-from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
+from qsweep.search.fidelity import QUALITIES, Quality, describe, quality_of
+from qsweep.search.front import FrontLog
+from qsweep.search.trials import LayoutModels, Tally, TrialImages, evaluate_in_steps
 from qsweep.run_params import layout_hash
 from qsweep.tracking import NullRecorder, Recorder
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 MAX_FAILURES_IN_A_ROW = 5
+OVER_BUDGET_PER_TRIAL = 10  # a study stops after this many layouts over the size budget per trial asked for
 
 
 class SearchError(QsweepError):
@@ -45,14 +50,16 @@ class SearchError(QsweepError):
 
 
 class ScoreBoundPruner(optuna.pruners.BasePruner):
-    """Prunes a trial once even a perfect rest of its evaluation could not beat the best score.
+    """Prunes a trial once even a perfect rest of its evaluation could not beat the best value.
 
     Never prunes a trial that might win, unlike the median rule; the trial's size is known
-    before evaluation, and with the lab's stepped score that often settles it early.
+    before evaluation, and with the lab's stepped score that often settles it early. ``value_of(size_mb,
+    quality)`` is the trial's value (the score of its top-1, or the fidelity itself); the trial's ``partial``
+    (the quality summed over the ``seen`` of its ``total`` inputs) bounds its quality.
     """
 
-    def __init__(self, score_of: Callable[[float, float], float]):
-        self.score_of = score_of
+    def __init__(self, value_of: Callable[[float, float], float], quality: Quality = QUALITIES["top1"]):
+        self.value_of, self.quality = value_of, quality
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         attrs = trial.user_attrs
@@ -62,13 +69,39 @@ class ScoreBoundPruner(optuna.pruners.BasePruner):
             best = study.best_value
         except ValueError:  # nothing complete yet
             return False
-        optimistic = 100.0 * (attrs["correct"] + attrs["total"] - attrs["seen"]) / attrs["total"]
-        return self.score_of(attrs["size_mb"], optimistic) < best
+        bound = self.value_of(attrs["size_mb"], self.quality.optimistic(attrs["partial"], attrs["seen"], attrs["total"]))
+        return bound < best if study.direction == optuna.study.StudyDirection.MAXIMIZE else bound > best
+
+
+def value_function(s: DictConfig, score_of: Callable[[float, float], float]) -> Callable[[float, float], float]:
+    """A single-objective trial's value from its size and quality: the score of its top-1, or the fidelity."""
+    return score_of if s.objective == "score" else (lambda size_mb, quality: quality)
+
+
+def directions(s: DictConfig) -> list[str]:
+    quality = quality_of(s)
+    if s.objective == "pareto":
+        return [quality.direction, "minimize"]
+    return ["maximize"] if s.objective == "score" else [quality.direction]
+
+
+def size_budget(s: DictConfig, fp_size_mb: float) -> int | None:
+    """The hard size budget in bytes (``search.max_size_mb``, ``search.max_size_fraction`` of FP32: the smaller)."""
+    budgets = []
+    if s.max_size_mb is not None:
+        budgets.append(math.floor(round(s.max_size_mb * 1e6, 3)))
+    if s.max_size_fraction is not None:
+        budgets.append(math.floor(round(s.max_size_fraction * fp_size_mb * 1e6, 3)))
+    return min(budgets) if budgets else None
 
 
 @dataclass
 class Worker:
-    """This process's part of the study: the cached models, the trial images and the recorder."""
+    """This process's part of the study: the cached models, the trial images and the recorder.
+
+    ``reference``: the FP32 model's outputs on the trial images (computed once; fidelity qualities);
+    ``budget_bytes``: the hard size budget; ``front``: where the Pareto front is kept after each trial.
+    """
 
     cfg: DictConfig
     space: SearchSpace
@@ -79,6 +112,13 @@ class Worker:
     device: Any
     parent: Recorder | NullRecorder
     tags: dict[str, str]
+    reference: list[torch.Tensor] | None = None
+    budget_bytes: int | None = None
+    front: FrontLog | None = None
+
+    @property
+    def quality(self) -> Quality:
+        return quality_of(self.cfg.search)
 
     def objective(self, trial: optuna.Trial):
         start = time.perf_counter()
@@ -89,8 +129,7 @@ class Worker:
         try:
             value = self._measure(trial, layout, metrics)
             metrics["trial_s"] = time.perf_counter() - start
-            print(f"trial {trial.number}: score {metrics['score']:g}, top-1 {metrics['top1']:.2f} %, "
-                  f"{metrics['size_mb']:.4f} MB, {metrics['trial_s']:.1f} s", flush=True)
+            print(f"trial {trial.number}: {self.describe(metrics)}, {metrics['trial_s']:.1f} s", flush=True)
             rec.log_metrics(metrics)
             rec.finish()
             return value
@@ -98,7 +137,7 @@ class Worker:
             metrics.update(pruned=1.0, trial_s=time.perf_counter() - start)
             print(f"trial {trial.number}: pruned {exc}", flush=True)
             rec.log_metrics(metrics)
-            rec.set_tags({"pruned": "true"})
+            rec.set_tags({"pruned": "true", **({"over_budget": str(exc)} if "over_budget" in metrics else {})})
             rec.finish()
             raise
         except Exception as exc:
@@ -107,6 +146,11 @@ class Worker:
             print(f"qsweep: trial {trial.number} failed: {reason}", flush=True)
             rec.finish(error=reason)
             raise
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """A trial's numbers in a line: score, quality, top-1 (where measured) and size."""
+        return (f"{describe(self.quality, metrics.get('score'), metrics.get(self.quality.name), metrics.get('top1'))}, "
+                f"{metrics['size_mb']:.6f} MB")
 
     def _trial_recorder(self, trial: optuna.Trial, layout: dict) -> Recorder | NullRecorder:
         """The trial's MLflow run, nested under the study's, with its layout as params (:meth:`layout_params`)."""
@@ -119,29 +163,32 @@ class Worker:
         rec.log_params(self.layout_params(layout))
         return rec
 
+    def layout_hash(self, layout: dict) -> str:
+        """The ``layout`` hash a run of ``layout`` records (the best run's matches its trial's)."""
+        q = self.cfg.quant
+        return layout_hash(q.skip, {**OmegaConf.to_container(q.layers), **self.space.overrides(layout)})
+
     def layout_params(self, layout: dict) -> dict[str, str]:
         """A layout in a few params, not one per layer (DeiT-S has 50, each a runs-table column): the
-        ``layout`` hash a run of it records (the best run's matches its trial's), and the widths in group
-        order (``trials.csv``'s columns; 32 = float)."""
-        q = self.cfg.quant
-        layers = {**OmegaConf.to_container(q.layers), **self.space.overrides(layout)}
-        params = {"layout": layout_hash(q.skip, layers), "layout.w_bits": ",".join(str(c["w"]) for c in layout.values())}
+        ``layout`` hash a run of it records, and the widths in group order (``trials.csv``'s columns; 32 = float)."""
+        params = {"layout": self.layout_hash(layout), "layout.w_bits": ",".join(str(c["w"]) for c in layout.values())}
         if any("a" in c for c in layout.values()):
             params["layout.a_bits"] = ",".join(str(c.get("a", FLOAT)) for c in layout.values())
         return params
 
     def _measure(self, trial: optuna.Trial, layout: dict, metrics: dict[str, float]):
-        """Size and top-1 of ``layout``, reported step by step so the pruner can stop it; fills ``metrics``."""
+        """Size, then quality (and top-1 where labelled), reported step by step so the pruner can stop it."""
         s = self.cfg.search
         self.models.apply(layout)
-        size = self.models.size_mb()
-        total = self.images.images
+        size_bytes = self.models.size_bytes()
+        size, total = size_bytes / 1e6, self.images.images
         metrics.update(size_mb=size, avg_weight_bits=average_bits(self.space, layout, self.models))
-        trial.set_user_attr("size_mb", size)
-        trial.set_user_attr("total", total)
+        for key, value in dict(size_mb=size, size_bytes=size_bytes, total=total).items():
+            trial.set_user_attr(key, value)
+        self._check_budget(trial, size_bytes, metrics)
         if s.objective == "score" and isinstance(trial.study.pruner, ScoreBoundPruner):
             # The size alone may settle it: not one image is needed to know 100 % top-1 would lose.
-            trial.set_user_attr("correct", 0)
+            trial.set_user_attr("partial", 0)
             trial.set_user_attr("seen", 0)
             if trial.should_prune():
                 metrics.update(images=0)
@@ -149,24 +196,59 @@ class Worker:
         runner, fallbacks = self.models.runner(self.backend)
         metrics.update(int_fallback_layers=len(fallbacks))
         eval_start = time.perf_counter()
+        tally = evaluate_in_steps(runner, self.images, s.prune_steps, self.device,
+                                  self._on_step(trial, size, total, metrics), self.quality, self.reference)
+        quality, top1 = self.quality.mean(tally.total, tally.seen), tally.top1()
+        score = self.score_of(size, top1) if top1 is not None else None
+        metrics.update({self.quality.name: quality}, top1=top1, score=score, images=tally.seen,
+                       eval_s=time.perf_counter() - eval_start, pruned=0.0)
+        for key, value in {self.quality.name: quality, "top1": top1, "score": score}.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        if s.objective == "pareto":
+            return quality, size
+        return score if s.objective == "score" else quality
 
-        def on_step(step: int, correct: int, seen: int) -> None:
-            top1 = 100.0 * correct / seen
-            if s.objective == "score" and seen < total:
-                trial.set_user_attr("correct", correct)  # the bound pruner reads these two
-                trial.set_user_attr("seen", seen)
-                trial.report(self.score_of(size, top1), step)
-                if trial.should_prune():
-                    metrics.update(partial_top1=top1, images=seen)
-                    raise optuna.TrialPruned(f"after {seen}/{total} images at {top1:.2f} % top-1")
+    def _check_budget(self, trial: optuna.Trial, size_bytes: int, metrics: dict[str, float]) -> None:
+        """A layout over the size budget is not evaluated: pruned, with the reason; the sampler is told
+        (its constraint: MB over the budget, > 0 infeasible)."""
+        if self.budget_bytes is None:
+            return
+        trial.set_constraint("max_size_mb", (size_bytes - self.budget_bytes) / 1e6)
+        if size_bytes > self.budget_bytes:
+            reason = (f"over the size budget: {size_bytes} > {self.budget_bytes} bytes "
+                      f"({size_bytes / 1e6:.6f} > {self.budget_bytes / 1e6:.6f} MB), not evaluated")
+            trial.set_user_attr("over_budget", reason)
+            metrics.update(images=0, over_budget=1.0)
+            raise optuna.TrialPruned(reason)
 
-        correct, seen = evaluate_in_steps(runner, self.images, s.prune_steps, self.device, on_step)
-        top1 = 100.0 * correct / seen
-        score = self.score_of(size, top1)
-        metrics.update(top1=top1, score=score, images=seen, eval_s=time.perf_counter() - eval_start, pruned=0.0)
-        trial.set_user_attr("top1", top1)
-        trial.set_user_attr("score", score)
-        return (top1, size) if s.objective == "pareto" else score
+    def _on_step(self, trial: optuna.Trial, size: float, total: int,
+                 metrics: dict[str, float]) -> Callable[[int, Tally], None]:
+        """After each evaluation step of a single-objective study: report the value so far, prune if told."""
+        s, quality = self.cfg.search, self.quality
+        value_of = value_function(s, self.score_of)
+
+        def on_step(step: int, tally: Tally) -> None:
+            if s.objective == "pareto" or tally.seen >= total:
+                return
+            trial.set_user_attr("partial", tally.total)  # the bound pruner reads these two
+            trial.set_user_attr("seen", tally.seen)
+            so_far = quality.mean(tally.total, tally.seen)
+            trial.report(value_of(size, so_far), step)
+            if trial.should_prune():
+                metrics.update({f"partial_{quality.name}": so_far}, images=tally.seen)
+                raise optuna.TrialPruned(f"after {tally.seen}/{total} images at {quality.format(so_far)}")
+
+        return on_step
+
+    def after_trial(self, study: optuna.Study) -> None:
+        """Keep the study's front (a write that fails is reported, and the study goes on)."""
+        if self.front is None:
+            return
+        try:
+            self.front.update(study)
+        except (QsweepError, OSError, MlflowException) as exc:
+            print(f"qsweep: the Pareto front could not be written: {exc}", flush=True)
 
 
 def average_bits(space: SearchSpace, layout: dict, models: LayoutModels) -> float:
@@ -182,10 +264,11 @@ SAMPLERS: dict[str, Callable[[int | None], optuna.samplers.BaseSampler]] = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
 }
-PRUNERS: dict[str, Callable[[Callable[[float, float], float]], optuna.pruners.BasePruner]] = {
+# Each takes the trial's value function and quality (see value_function, quality_of).
+PRUNERS: dict[str, Callable[[Callable[[float, float], float], Quality], optuna.pruners.BasePruner]] = {
     "bound": ScoreBoundPruner,
-    "median": lambda score_of: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
-    "none": lambda score_of: optuna.pruners.NopPruner(),
+    "median": lambda value_of, quality: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    "none": lambda value_of, quality: optuna.pruners.NopPruner(),
 }
 
 
@@ -194,7 +277,8 @@ def make_sampler(s: DictConfig) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(s: DictConfig, score_of: Callable[[float, float], float]) -> optuna.pruners.BasePruner:
-    return PRUNERS["none" if s.objective == "pareto" else s.pruner](score_of)
+    """The configured pruner (none for pareto: a multi-objective trial reports no single value)."""
+    return PRUNERS["none" if s.objective == "pareto" else s.pruner](value_function(s, score_of), quality_of(s))
 
 
 def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) -> tuple[optuna.Study, bool]:
@@ -203,11 +287,10 @@ def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) ->
     Returns ``(study, created)``: exactly one of several workers started together creates it
     (the storage refuses a second study of the same name), so only that one seeds it.
     """
-    directions = ["maximize", "minimize"] if s.objective == "pareto" else ["maximize"]
     sampler, pruner = make_sampler(s), make_pruner(s, score_of)
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=directions)
+                                    directions=directions(s))
         study.set_user_attr("qsweep_space", fingerprint)
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
@@ -216,7 +299,7 @@ def open_study(name: str, storage, s: DictConfig, fingerprint: str, score_of) ->
     if found != fingerprint:
         raise StorageError(
             f"search.study_name={name!r} already exists in this storage with a different search space, "
-            f"objective, model or data (fingerprint {found} != {fingerprint}); choose another "
+            f"objective, size budget, model or data (fingerprint {found} != {fingerprint}); choose another "
             "search.study_name or delete the study (optuna delete-study)")
     return study, False
 
@@ -232,15 +315,23 @@ def wait_for_attr(study: optuna.Study, key: str, timeout_s: float) -> Any:
 
 
 def counts(study: optuna.Study) -> dict[TrialState, int]:
-    out = {state: 0 for state in TrialState}
+    return trial_counts(study)[0]
+
+
+def trial_counts(study: optuna.Study) -> tuple[dict[TrialState, int], int]:
+    """Trials per state, and how many of the pruned ones were over the size budget (not evaluated)."""
+    out, over = {state: 0 for state in TrialState}, 0
     for t in study.get_trials(deepcopy=False):
         out[t.state] += 1
-    return out
+        over += t.state == TrialState.PRUNED and "over_budget" in t.user_attrs
+    return out, over
 
 
 def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (over all workers) or time is up.
 
+    A layout over the size budget is not evaluated and does not count (its trial costs a size
+    measurement); at most :data:`OVER_BUDGET_PER_TRIAL` of them per trial asked for are proposed.
     Retries run before other waiting trials. Trials of dead workers are failed here and retried
     (same layout): by Optuna's heartbeat on RDB storages, else by their owner process on this host
     being gone. A trial this worker is interrupted in is retried too.
@@ -253,9 +344,12 @@ def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
             optuna.storages.fail_stale_trials(study)
         else:
             fail_dead_trials(study, s.retries)
-        n = counts(study)
-        done = n[TrialState.COMPLETE] + n[TrialState.PRUNED]
+        n, over = trial_counts(study)
+        done = n[TrialState.COMPLETE] + n[TrialState.PRUNED] - over
         if done >= s.n_trials:
+            return
+        if over >= OVER_BUDGET_PER_TRIAL * s.n_trials:
+            print(f"qsweep: stopping: {over} proposed layouts were over the size budget", flush=True)
             return
         if done + n[TrialState.RUNNING] >= s.n_trials:
             if not heartbeat:
@@ -263,6 +357,7 @@ def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
             time.sleep(min(1.0, s.heartbeat_s / 4))  # wait for them, or for their trials to go stale
             continue
         last = run_trial(study, worker, claim_retry(study) or _ask(study), heartbeat)
+        worker.after_trial(study)
         failures = failures + 1 if last.state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise SearchError(f"{failures} trials in a row failed; last: {last.user_attrs.get('error', '?')}")
@@ -354,25 +449,29 @@ def close_stale_runs(study: optuna.Study, parent: Recorder | NullRecorder) -> No
                                        "not retried (search.retries used up)"), killed=True)
 
 
-def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, space: SearchSpace, quality: Quality = QUALITIES["top1"]) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         a = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name.lower(), "score": a.get("score"),
-                     "top1": a.get("top1"), "size_mb": a.get("size_mb"),
+                     "top1": a.get("top1"), "quality": a.get(quality.name), "size_mb": a.get("size_mb"),
                      "layout": {n: c["w"] for n, c in space.per_layer(space.layout_of(t.params)).items()},
                      "params": t.params, "duration_s": t.duration.total_seconds() if t.duration else None})
     return rows
 
 
-def write_trials_csv(rows: list[dict[str, Any]], space: SearchSpace, path: Path) -> Path:
+def write_trials_csv(rows: list[dict[str, Any]], space: SearchSpace, path: Path,
+                     quality: Quality = QUALITIES["top1"]) -> Path:
+    """One row per finished trial: its numbers (and its quality, a fidelity one) and its width per layer."""
+    extra = [quality.name] if quality.name != "top1" else []
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["trial", "state", "score", "top1", "size_mb", "duration_s", *space.layers])
+            writer.writerow(["trial", "state", "score", "top1", *extra, "size_mb", "duration_s", *space.layers])
             for r in rows:
-                writer.writerow([r["trial"], r["state"], r["score"], r["top1"], r["size_mb"], r["duration_s"],
-                                 *(r["layout"][n] for n in space.layers)])
+                writer.writerow([r["trial"], r["state"], r["score"], r["top1"], *([r["quality"]] if extra else []),
+                                 r["size_mb"], r["duration_s"], *(r["layout"][n] for n in space.layers)])
 
     return atomic_write(path, write)
 
@@ -419,13 +518,15 @@ def score_function(cfg: DictConfig, fp_size_mb: float, fp_top1: float) -> Callab
     return score_of
 
 
-def print_front(rows: list[dict[str, Any]], front: list[int]) -> None:
-    table = [(f"trial {rows[i]['trial']}", f"top-1 {rows[i]['top1']:.2f} %, {rows[i]['size_mb']:.4f} MB, "
-                                           f"score {rows[i]['score']:g}") for i in front]
-    print("Pareto front (top-1 vs size)\n" + format_table(table), flush=True)
-
-
 def layer_names_of(model, cfg: DictConfig) -> list[str]:
     """The recipe's layers with quantized weights, in model order (the candidates for the search)."""
     return [n for n, p in resolve_plan(model, quant_recipe(cfg.quant)).items() if p.weight is not None]
 
+
+
+def eval_backend(cfg: DictConfig) -> str:
+    """The backend a run of this config evaluates on (``eval.backend=auto``: the artifact's kernels when exporting)."""
+    backend = cfg.eval.backend
+    if backend == "auto":
+        backend = cfg.export.kernels if cfg.export.enabled else "int"
+    return backend

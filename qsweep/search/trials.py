@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Subset
 
 from qsweep.config import quant_recipe
 from qsweep.evaluate import top1_correct
-from qsweep.export import artifact_size_mb
+from qsweep.search.fidelity import QUALITIES, Quality, inputs_of, labels_of
+from qsweep.export import artifact_bytes
 from qsweep.quant.pipeline import quantize
 from qsweep.quant.smooth import input_divisors
 from qsweep.quant.intkernel import to_int_backend
@@ -36,13 +37,14 @@ def recipe_with(recipe: DictConfig, layers: Iterable[str], **override: int | Non
 
 @dataclass
 class TrialImages:
-    """The trial evaluation set held in memory as batches, in a seeded random order.
+    """The trial evaluation set held in memory as ``(inputs, labels)`` batches, in a seeded random order.
 
     A random order makes every prefix an unbiased sample, so a partial evaluation after any
-    step estimates the accuracy a pruner can act on.
+    step estimates the accuracy a pruner can act on. Labels are None for a dataset without them
+    (its items bare inputs): the fidelity qualities need none.
     """
 
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    batches: list[tuple[torch.Tensor, torch.Tensor | None]]
 
     @classmethod
     def from_dataset(cls, dataset, limit: int | None, batch_size: int, seed: int, steps: int = 1) -> "TrialImages":
@@ -53,13 +55,17 @@ class TrialImages:
             order = order[:limit]
         batch_size = max(1, min(batch_size, math.ceil(len(order) / max(1, steps))))
         loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)
-        return cls([(x, y) for x, y in loader])
+        return cls([(inputs_of(batch), labels_of(batch)) for batch in loader])
 
     @property
     def images(self) -> int:
-        return sum(len(y) for _, y in self.batches)
+        return sum(len(x) for x, _ in self.batches)
 
-    def steps(self, n: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    @property
+    def labelled(self) -> bool:
+        return all(y is not None for _, y in self.batches)
+
+    def steps(self, n: int) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
         """The batches cut into ``n`` consecutive steps of near-equal size (fewer if there are fewer batches)."""
         n = max(1, min(n, len(self.batches)))
         bounds = [round(i * len(self.batches) / n) for i in range(n + 1)]
@@ -114,8 +120,8 @@ class LayoutModels:
             self.floats = {n: base.get_submodule(n) for n in space.layers}
         self.param_counts = {n: m.weight.numel() for n, m in self.quant_modules.items()}
         self.packed_bytes = {key: _packed_bytes(q) for key, q in self.weights.items()}
-        self._fixed_mb = artifact_size_mb(self.model, kernels) - sum(
-            self.packed_bytes[(n, top_w)] for n in space.layers) / 1e6
+        self._fixed_bytes = artifact_bytes(self.model, kernels) - sum(
+            self.packed_bytes[(n, top_w)] for n in space.layers)
         self._float_bytes = {n: sum(t.numel() * t.element_size() for t in m.state_dict().values())
                              for n, m in self.floats.items()}
         self._current: dict[str, dict[str, int]] = {}
@@ -138,16 +144,34 @@ class LayoutModels:
             self._current[name] = dict(choice)
         return self.model
 
+    def size_bytes(self) -> int:
+        """The current layout's artifact size in exact bytes, as its exported run measures it."""
+        return artifact_bytes(self.model, self.kernels)
+
     def size_mb(self) -> float:
-        """The artifact size of the current layout as the grader measures it."""
-        return artifact_size_mb(self.model, self.kernels)
+        """The artifact size of the current layout as the grader measures it (exact bytes / 1e6)."""
+        return self.size_bytes() / 1e6
+
+    def layout_bytes(self, layout: dict[str, dict[str, int]]) -> int:
+        """``layout``'s exact artifact bytes (sets the working model to it)."""
+        self.apply(layout)
+        return self.size_bytes()
+
+    @property
+    def fixed_bytes(self) -> int:
+        """The artifact's bytes besides the searched layers' weights (scales, biases, the rest), as planned."""
+        return self._fixed_bytes
+
+    def choice_bytes(self, group: str, w_bits: int) -> int:
+        """The weight bytes of ``group``'s layers at ``w_bits`` (FLOAT: their float tensors), as planned."""
+        names = self.space.groups[group]
+        if w_bits == FLOAT:
+            return sum(self._float_bytes[n] for n in names)
+        return sum(self.packed_bytes[(n, w_bits)] for n in names)
 
     def estimate_mb(self, layout: dict[str, dict[str, int]]) -> float:
         """The artifact size from cached per-layer packed sizes, without serializing (for planning)."""
-        total = self._fixed_mb * 1e6
-        for name, choice in self.space.per_layer(layout).items():
-            total += self._float_bytes[name] if choice["w"] == FLOAT else self.packed_bytes[(name, choice["w"])]
-        return total / 1e6
+        return (self.fixed_bytes + sum(self.choice_bytes(g, c["w"]) for g, c in layout.items())) / 1e6
 
     def runner(self, backend: str) -> tuple[nn.Module, dict[str, str]]:
         """The model to evaluate: the integer-kernel copy (``int``) or the fake-quant model itself."""
@@ -158,19 +182,37 @@ def _packed_bytes(qweight) -> int:
     return sum(t.numel() * t.element_size() for t in PackedWeight(qweight).state_dict().values())
 
 
+@dataclass
+class Tally:
+    """A (partial) evaluation: inputs seen, the quality summed over them, top-1 hits (None without labels)."""
+
+    seen: int = 0
+    total: float = 0.0
+    correct: int | None = 0
+
+    def top1(self) -> float | None:
+        return None if self.correct is None else 100.0 * self.correct / self.seen
+
+
 @torch.no_grad()
 def evaluate_in_steps(model: nn.Module, images: TrialImages, steps: int, device: torch.device,
-                      on_step: Callable[[int, int, int], None]) -> tuple[int, int]:
-    """Top-1 over ``images`` in ``steps`` parts, calling ``on_step(step, correct, seen)`` after each.
+                      on_step: Callable[[int, Tally], None], quality: Quality = QUALITIES["top1"],
+                      reference: list[torch.Tensor] | None = None) -> Tally:
+    """``quality`` (and top-1 where there are labels) over ``images`` in ``steps`` parts, calling
+    ``on_step(step, tally)`` after each; ``reference``: the FP32 outputs of each batch, for fidelity.
 
-    ``on_step`` may raise (e.g. ``optuna.TrialPruned``) to stop early. Returns ``(correct, seen)``.
+    ``on_step`` may raise (e.g. ``optuna.TrialPruned``) to stop early. Returns the tally.
     """
-    correct = seen = 0
+    tally = Tally()
     model.eval()
+    i = 0
     for step, part in enumerate(images.steps(steps)):
         for x, y in part:
-            logits = model(x.to(device))
-            correct += top1_correct(logits, y)
-            seen += len(y)
-        on_step(step, correct, seen)
-    return correct, seen
+            logits = model(x.to(device)).float()
+            ref = reference[i] if reference is not None else None
+            tally.total += float(quality.per_input(logits.cpu(), ref, y).sum())
+            tally.correct = None if y is None or tally.correct is None else tally.correct + top1_correct(logits, y)
+            tally.seen += len(x)
+            i += 1
+        on_step(step, tally)
+    return tally

@@ -1,0 +1,108 @@
+"""quant.mixed: per-layer widths under an exact artifact-size budget, from the Fisher information."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import qsweep
+from qsweep.config import ConfigError, quant_recipe
+from qsweep.export import artifact_bytes
+from qsweep.quant.calibrate import QuantizeTimings, prepare
+from qsweep.quant.mixed import choose_widths, fisher_diagonals, single_samples
+from qsweep.quant.modules import quant_layers
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """A small EfficientNet (depthwise convs, BatchNorm, TF-style blocks) with seeded weights and inputs."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    return model, list(torch.randn(16, 3, 48, 48).split(4))
+
+
+def recipe(**mixed):
+    return {"weight": {"bits": 4, "observer": "mse"}, "bias_correction": {"enabled": False},
+            "mixed": {"enabled": True, "num_samples": 8, **mixed}}
+
+
+@pytest.mark.parametrize("kernels", ["int", "fake"])
+def test_the_chosen_layout_fits_the_budget_in_the_exact_bytes_of_the_artifact(cnn, kernels):
+    model, batches = cnn
+    timings = QuantizeTimings()
+    q = qsweep.quantize(model, recipe(budget_fraction=0.6, kernels=kernels), batches, timings=timings)
+    chosen = timings.mixed
+    assert chosen["bytes"] == artifact_bytes(q, kernels) <= chosen["budget_bytes"]
+    assert chosen["budget_bytes"] == int(0.6 * chosen["uniform_bytes"][8])
+    # the quantized model has the widths chosen, and uses more than one of them
+    assert {n: m.w_bits for n, m in quant_layers(q).items()} == chosen["widths"]
+    assert len(set(chosen["widths"].values())) > 1
+
+
+def test_a_larger_budget_never_chooses_fewer_bits_in_all(cnn):
+    model, batches = cnn
+    bits = []
+    for fraction in (0.57, 0.65, 0.8, 1.0):
+        widths = choose_widths(model, quant_recipe(recipe(budget_fraction=fraction)), batches)["widths"]
+        bits.append(sum(widths.values()))
+    assert bits == sorted(bits)
+    assert set(widths.values()) == {8}  # the whole widest layout fits, and it rounds least
+
+
+def test_layers_outside_quant_mixed_layers_keep_the_recipe_width(cnn):
+    model, batches = cnn
+    widths = choose_widths(model, quant_recipe(recipe(layers=["@depthwise"], budget_fraction=1.0)), batches)["widths"]
+    prepared = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    prepared.load_state_dict(model.state_dict())
+    prepare(prepared, quant_recipe(recipe()), batches)
+    depthwise = {n for n, m in quant_layers(prepared).items() if getattr(m, "groups", 1) > 1 and m.weight.shape[1] == 1}
+    assert set(widths) == depthwise and depthwise
+
+
+def test_an_absolute_budget_in_mb(cnn):
+    model, batches = cnn
+    report = choose_widths(model, quant_recipe(recipe(budget_mb=0.085)), batches)
+    assert report["budget_bytes"] == 85_000 and report["bytes"] <= 85_000
+
+
+def test_fisher_diagonal_of_a_softmax_classifier_matches_its_closed_form():
+    """For logits ``W x``, ``E_y[(d log p(y|x) / dW_ij)^2] = p_i (1 - p_i) x_j^2`` (y drawn from p)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False))
+    x = torch.randn(2, 5)
+    floats: dict[str, torch.Tensor] = {}
+    prepare(model, quant_recipe({"weight": {"bits": 8}, "act": {"bits": None}}), [x], float_weights=floats)
+    layers = quant_layers(model)
+    fisher = fisher_diagonals(model, layers, {n: w.detach() for n, w in floats.items()},
+                              single_samples([x], 2), draws=6000, seed=0)["0"]
+    with torch.no_grad():
+        p = torch.softmax(x @ floats["0"].T, dim=1)
+    expected = ((p * (1 - p)).T @ x.pow(2)) / 2
+    assert torch.allclose(fisher, expected, rtol=0.1, atol=1e-3)
+    # the layer computes with its quantized weight and input quantizer again afterwards
+    assert layers["0"].weight.requires_grad is False
+
+
+def test_single_samples_splits_tuples_and_dicts():
+    batches = [(torch.arange(6).reshape(3, 2), torch.tensor([0, 1, 2])), (torch.zeros(2, 2), torch.ones(2))]
+    out = single_samples(batches, 4)
+    assert len(out) == 4 and all(s[0].shape == (1, 2) for s in out) and out[3][1].item() == 1.0
+    dicts = single_samples([{"input_ids": torch.ones(2, 3)}], 5)
+    assert len(dicts) == 2 and dicts[0]["input_ids"].shape == (1, 3)
+
+
+@pytest.mark.parametrize("mixed, message", [
+    ({"budget_fraction": 0.01}, "quant.mixed: the budget"),
+    ({"widths": [3, 9]}, "quant.mixed.widths"),
+    ({"widths": []}, "quant.mixed.widths"),
+    ({"budget_fraction": 1.5}, "quant.mixed.budget_fraction"),
+    ({"layers": ["blocks.99.*"]}, "quant.mixed.layers"),
+    ({"layers": ["@pointwise"]}, "quant.mixed.layers"),
+    ({"kernels": "onnx"}, "quant.mixed.kernels"),
+])
+def test_bad_mixed_settings_are_refused_naming_the_key(cnn, mixed, message):
+    model, batches = cnn
+    with pytest.raises(ConfigError, match=message):
+        qsweep.quantize(model, recipe(**mixed), batches)
