@@ -156,8 +156,8 @@ def _record_mixed(ctx: RunContext, mixed: dict[str, Any]) -> None:
     """quant.mixed's chosen widths: ``mixed.json`` in the run folder and as an artifact, a tag counting the widths."""
     path = write_text(ctx.output_dir / "mixed.json", json.dumps(mixed, indent=1))
     ctx.recorder.log_artifact(path)
-    counts = Counter(mixed["widths"].values())
-    ctx.recorder.set_tags({"mixed_widths": ", ".join(f"W{b}: {counts[b]}" for b in sorted(counts))})
+    counts = Counter("float" if b is None else f"W{b}" for b in mixed["widths"].values())
+    ctx.recorder.set_tags({"mixed_widths": ", ".join(f"{w}: {counts[w]}" for w in sorted(counts, key=len))})
     ctx.recorder.log_metrics({"mixed_budget_mb": mixed["budget_bytes"] / 1e6, "mixed_s": mixed["seconds"]})
 
 

@@ -143,8 +143,8 @@ class MixedConfig:
     """One weight width per layer under an artifact-size budget (qsweep.quant.mixed), chosen before quantizing."""
 
     enabled: bool = False
-    widths: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 8])  # the widths a layer may take
-    budget_fraction: float = 0.6  # of the artifact with every chosen layer at the widest width
+    widths: list[Optional[int]] = field(default_factory=lambda: [3, 4, 5, 6, 8])  # a layer's choices; null: float
+    budget_fraction: float = 0.6  # of the artifact with every chosen layer at the widest integer width
     budget_mb: Optional[float] = None  # the artifact's size in MB (1e6 bytes); overrides budget_fraction
     layers: list[str] = field(default_factory=lambda: ["*"])  # globs / kinds whose width is chosen; others keep theirs
     num_samples: int = 128  # calibration samples the Fisher information is measured on (one backward pass per draw)
@@ -475,12 +475,14 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
 
 
 def validate_mixed(m: MixedConfig | DictConfig) -> None:
-    if not m.widths:
-        raise ConfigError("quant.mixed.widths=[] is empty; give the weight widths a layer may take, e.g. [3, 4, 5, 6, 8]")
+    if not any(b is not None for b in m.widths or ()):
+        raise ConfigError(f"quant.mixed.widths={list(m.widths or [])} has no integer width; give the weight widths a "
+                          "layer may take, e.g. [3, 4, 5, 6, 8] (null: float)")
     for bits in m.widths:
-        _bits("quant.mixed.widths entry", bits, WEIGHT_BITS, allow_float=False)
-    _in_range("quant.mixed.budget_fraction", m.budget_fraction, 1e-6, 1.0,
-              "a fraction of the artifact with every chosen layer at the widest width, in (0, 1]")
+        _bits("quant.mixed.widths entry", bits, WEIGHT_BITS, allow_float=True)
+    _in_range("quant.mixed.budget_fraction", m.budget_fraction, 1e-6, 4.0,
+              "a fraction of the artifact with every chosen layer at the widest integer width, in (0, 4] (above 1 "
+              "only with null, float, among quant.mixed.widths)")
     if m.budget_mb is not None:
         _in_range("quant.mixed.budget_mb", m.budget_mb, 1e-6, 1e9, "the artifact's size in MB, > 0")
     if not m.layers:

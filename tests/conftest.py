@@ -5,11 +5,18 @@ from pyproject.toml). All workers of a run share one throwaway qsweep cache, so 
 trained, and each FP32 reference measured, once per run rather than once per worker. Tests that
 must not overlap one another carry ``@pytest.mark.xdist_group("serial")``: one worker runs them all,
 one after another.
+
+Most tests that record runs do so into a throwaway SQLite store, ``tmp_path/mlflow.db``. MLflow creates and
+migrates a new store's schema on first use, seconds of CPU each time: the ``mlflow_store`` fixture starts a
+test's store as a copy of one migrated once per run instead. Tests of a new store's first use (several
+processes creating it at once) do not use it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +79,27 @@ def qsweep_cache(tmp_path_factory, request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QSWEEP_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_store(qsweep_cache) -> Path:
+    """An empty MLflow SQLite store with its schema created, made once per run for all workers."""
+    path = qsweep_cache.parent / "mlflow_migrated.db"
+    with file_lock(qsweep_cache.parent / "mlflow_migrated.lock"):
+        if not path.exists():
+            from mlflow.tracking import MlflowClient
+
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            MlflowClient(f"sqlite:///{tmp}").search_experiments()  # creates and migrates the schema
+            os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, _migrated_mlflow_store) -> str:
+    """``sqlite:///<tmp_path>/mlflow.db``, an empty store as MLflow creates it, copied rather than migrated anew."""
+    shutil.copyfile(_migrated_mlflow_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,7 @@ def test_parallel_first_runs_share_a_new_store_safely(tmp_path):
         "custom_model_development"
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     victim = subprocess.Popen(
@@ -87,6 +88,7 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_run(tmp_pat
     assert client.get_run(alive.run_id).info.status == "RUNNING"
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_sigterm_marks_the_run_killed_and_leaves_no_result(tmp_path, digits_vit):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -107,6 +109,7 @@ def test_sigterm_marks_the_run_killed_and_leaves_no_result(tmp_path, digits_vit)
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_multirun_with_failed_jobs_exits_nonzero_and_fails_its_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.run(
@@ -153,6 +156,7 @@ os.execv(sys.executable, [sys.executable, "-m", "qsweep", *sys.argv[2:]])
 """
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_write_failing_mid_artifact_is_exit_1_with_the_error_not_an_abort(tmp_path, digits_vit):
     uri, run_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
     Recorder(uri, "qsweep")  # the store exists before the limit: the run only adds its records to it
@@ -171,6 +175,7 @@ def test_a_write_failing_mid_artifact_is_exit_1_with_the_error_not_an_abort(tmp_
     assert not artifact.exists() and not [p for p in run_dir.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_checks_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -1,6 +1,7 @@
 """model.source=hf: a local Hugging Face image classifier through the whole pipeline, and its errors."""
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from qsweep.config import ConfigError, DataConfig, QuantConfig, quant_recipe, va
 from qsweep.data import calibration_batches, eval_loader
 from qsweep.evaluate import evaluate
 from qsweep.export import load_program
+from qsweep.locks import file_lock
 from qsweep.models import build_model
 from qsweep.models.checkpoint import CheckpointError
 from qsweep.quant.vit import apply_vit, model_output, pre_norm_pairs, relative_error
@@ -36,18 +38,23 @@ def hf_cfg(tmp_path, path, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained_vit(digits_bundle, one_thread):
-    """A tiny HF ViT trained ~10 s on digits (83-91 % top-1, depending on the seed or CPU)."""
-    model = tiny_vit()
-    train(model, digits_bundle)
-    return model
+def vit_dir(qsweep_cache, digits_bundle, one_thread):
+    """A tiny HF ViT trained ~10 s on digits (83-91 % top-1, depending on the seed or CPU), saved as save_pretrained
+    does: trained once per test run, by the first xdist worker to need it, beside the run's shared qsweep cache."""
+    path = qsweep_cache.parent / "hf_trained" / "tiny_vit"
+    with file_lock(qsweep_cache.parent / "hf_trained.lock"):
+        if not path.exists():
+            model = tiny_vit()
+            train(model, digits_bundle)
+            tmp = path.with_name(f"tiny_vit.{os.getpid()}.tmp")
+            model.save_pretrained(tmp)
+            os.replace(tmp, path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory, trained_vit):
-    path = tmp_path_factory.mktemp("hf") / "tiny_vit"
-    trained_vit.save_pretrained(path)
-    return path
+def trained_vit(vit_dir):
+    return transformers.ViTForImageClassification.from_pretrained(vit_dir).eval()
 
 
 def save(model, tmp_path, name):
@@ -56,6 +63,7 @@ def save(model, tmp_path, name):
     return path
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_hf_vit_run_end_to_end_with_post_ln(tmp_path, vit_dir, digits_bundle, one_thread):
     cfg = hf_cfg(tmp_path, vit_dir, "quant=w8a8", "quant.vit.post_ln=reparam")
     result = app.run(cfg, tmp_path / "out")

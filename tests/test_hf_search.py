@@ -21,6 +21,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CIFAR_KW = dict(image_size=32, patch_size=8, num_channels=3, num_labels=100)
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_hf_deit_lab_search_grades_the_best_layout(tmp_path, one_thread):
     data = tmp_path / "data"
     write_fake_cifar(data)
@@ -52,6 +53,7 @@ def test_hf_deit_lab_search_grades_the_best_layout(tmp_path, one_thread):
     assert graded["acc"] == pytest.approx(best["top1"]) and graded["score"] == best["lab_score"]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_hf_deit_runs_the_lab_recipe_once_its_timm_rule_is_renamed(tmp_path, one_thread):
     """deit_w4a8 keeps timm's `head` at 8 bits; on a Hugging Face DeiT the error says how to move the rule."""
     data = tmp_path / "data"

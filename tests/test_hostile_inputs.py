@@ -37,6 +37,7 @@ class Outcome:
     err: str
     run_dir: Path
     written: list[Path]  # new paths under tmp_path outside the run folder (and outside `cache`)
+    out: str = ""  # what it printed on stdout
 
 
 def _paths(root: Path, skip: Path) -> set[Path]:
@@ -65,7 +66,7 @@ def cli(tmp_path: Path, monkeypatch, capsys, *overrides: str, common: tuple[str,
     (run_dir,) = {p for p in (work / "outputs").glob("*/*")} - before
     allowed = {work / "outputs", run_dir.parent, run_dir}
     written = sorted(p for p in _paths(tmp_path, cache) - before if p not in allowed and run_dir not in p.parents)
-    return Outcome(exited.value.code, err, run_dir, written)
+    return Outcome(exited.value.code, err, run_dir, written, out)
 
 
 def refused(outcome: Outcome, *names: str) -> str:

@@ -33,6 +33,7 @@ def test_deit_experiments_are_the_lab_setup():
     assert (base.quant.weight.bits, base.quant.weight.granularity, base.quant.act.observer) == (8, "per_tensor", "minmax")
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_lab_run_on_fabricated_cifar(tmp_path):
     write_fake_cifar(tmp_path / "data")
     # timm's tiny test ResNet (BatchNorm folded like any CNN's): the grader runs its 500 images one at a time

@@ -17,6 +17,7 @@ def sweep_runs(uri: str):
     return parents, [r for r in found if r not in parents]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_a_launcher_runs_the_grid_and_loses_no_job(tmp_path, digits_vit, launcher):

@@ -67,6 +67,21 @@ def test_an_absolute_budget_in_mb(cnn):
     assert report["budget_bytes"] == 85_000 and report["bytes"] <= 85_000
 
 
+def test_float_is_a_choice_for_the_layers_that_need_it_most(cnn):
+    model, batches = cnn
+    timings = QuantizeTimings()
+    q = qsweep.quantize(model, recipe(widths=[8, None], budget_fraction=1.1), batches, timings=timings)
+    chosen = timings.mixed
+    floats = {n for n, b in chosen["widths"].items() if b is None}
+    assert floats and len(floats) < len(chosen["widths"])
+    assert chosen["bytes"] == artifact_bytes(q, "int") <= chosen["budget_bytes"] == int(1.1 * chosen["uniform_bytes"][8])
+    layers = quant_layers(q)
+    assert all(n not in layers for n in floats)  # kept in float, weight and input, as quant.skip keeps a layer
+    assert all(layers[n].w_bits == 8 for n in set(layers) - floats)
+    everything = choose_widths(model, quant_recipe(recipe(widths=[8, None], budget_fraction=4.0)), batches)
+    assert set(everything["widths"].values()) == {None}  # room for every float weight: nothing is rounded
+
+
 def test_fisher_diagonal_of_a_softmax_classifier_matches_its_closed_form():
     """For logits ``W x``, ``E_y[(d log p(y|x) / dW_ij)^2] = p_i (1 - p_i) x_j^2`` (y drawn from p)."""
     torch.manual_seed(0)
@@ -97,7 +112,8 @@ def test_single_samples_splits_tuples_and_dicts():
     ({"budget_fraction": 0.01}, "quant.mixed: the budget"),
     ({"widths": [3, 9]}, "quant.mixed.widths"),
     ({"widths": []}, "quant.mixed.widths"),
-    ({"budget_fraction": 1.5}, "quant.mixed.budget_fraction"),
+    ({"budget_fraction": 5.0}, "quant.mixed.budget_fraction"),
+    ({"widths": [None]}, "quant.mixed.widths"),
     ({"layers": ["blocks.99.*"]}, "quant.mixed.layers"),
     ({"layers": ["@pointwise"]}, "quant.mixed.layers"),
     ({"kernels": "onnx"}, "quant.mixed.kernels"),

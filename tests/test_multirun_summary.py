@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHEAP = ("quant=w8a8", "export.enabled=false", "eval.backend=fake", "progress=false")
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 @pytest.mark.slow
 def test_a_multirun_prints_and_logs_one_table_and_names_the_key_without_effect(tmp_path, digits_vit):
     uri, sweep = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "sweep"
@@ -37,13 +38,18 @@ def test_a_multirun_prints_and_logs_one_table_and_names_the_key_without_effect(t
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("qsweep").experiment_id],
                                    filter_string="tags.`qsweep.kind` = 'sweep'")
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags["qsweep.sweep"] == str(sweep.resolve())
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"summary.csv", "summary.txt"}
     assert out.count(f"mlflow: sweep run {parent.info.run_id}") == 2  # at its start and its end, with the link
     assert "viewStateShareKey=qsweep" in out
     with open(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))) as f:
         rows = list(csv.DictReader(f))
-    jobs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    # one MLflow run per job, all under the sweep's parent run, each with its swept value as a param
+    everything = client.search_runs([parent.info.experiment_id])
+    jobs = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(everything) == 5 and len(jobs) == 4 and all(j.info.status == "FINISHED" for j in jobs)
+    assert sorted((j.data.params["quant.weight.bits"], j.info.run_name) for j in jobs) == \
+        [("4", "a"), ("4", "b"), ("8", "a"), ("8", "b")]
     assert sorted(r["mlflow run"] for r in rows) == sorted(j.info.run_id for j in jobs)
 
 

@@ -370,3 +370,45 @@ def test_a_destructive_clip_is_measured_against_minmax():
     obs.range(consumer=weight)
     assert obs.error_vs_minmax > CLIP_WARN_RATIO
     assert observed("minmax", data).error_vs_minmax is None
+
+
+class _Heads(torch.nn.Module):
+    """Five Linears reading the same outlier tokens, each weighing the outlier channel (more in later heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 4, bias=False) for _ in range(5))
+        with torch.no_grad():
+            for i, head in enumerate(self.heads):
+                head.weight.zero_()
+                head.weight[:, 3] = 1.0
+                head.weight[:, 0] = 0.5 * i  # a second channel: the heads' clipping costs differ
+
+    def forward(self, x):
+        return sum(head(x) for head in self.heads)
+
+
+def test_destructive_clips_are_one_warning_with_their_count_and_the_worst_layers():
+    import warnings
+
+    import qsweep
+    from qsweep.quant.quantizer import ActQuantizer, ClippingWarning
+
+    recipe = {"weight": {"bits": 8}, "act": {"bits": 8, "observer": "percentile", "p": 99.0}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning emitted, none merged by the once-per-location rule
+        q = qsweep.quantize(_Heads(), recipe, outlier_tokens())
+    clips = [w for w in caught if issubclass(w.category, ClippingWarning)]
+    assert len(clips) == 1, [str(w.message) for w in clips]
+    ratios = {a.layer_name: a.clip_ratio for a in q.modules() if isinstance(a, ActQuantizer)}
+    assert len(ratios) == 5 and all(r > CLIP_WARN_RATIO for r in ratios.values())
+    worst = sorted(ratios, key=ratios.get, reverse=True)[:3]
+    message = str(clips[0].message)
+    assert message.startswith("quant.act.observer=percentile clips values that matter in 5 of 5 quantized inputs")
+    assert message.index(repr(worst[0])) < message.index(repr(worst[1])) < message.index(repr(worst[2]))
+    assert message.endswith("and 2 more; observer=auto chooses per layer")
+    # min-max clips nothing: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qsweep.quantize(_Heads(), {**recipe, "act": {"bits": 8}}, outlier_tokens())
+    assert not [w for w in caught if issubclass(w.category, ClippingWarning)]

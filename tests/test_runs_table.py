@@ -26,6 +26,7 @@ def compose_cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_the_readme_glob_example_is_a_finished_run_that_compares(tmp_path, monkeypatch, capsys, digits_vit):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     outcome = cli(tmp_path, monkeypatch, capsys, *README_GLOB, common=("progress=false", f"tracking.uri={store}"))
@@ -68,6 +69,7 @@ def test_the_readme_glob_example_is_a_finished_run_that_compares(tmp_path, monke
     assert int(version.version) == 1 and version.source == f"models:/{model.model_id}"
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_the_printed_link_opens_the_runs_table_by_score_with_the_compared_columns(tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     rec = Recorder(store, "qsweep")

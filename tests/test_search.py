@@ -31,6 +31,8 @@ from qsweep.search.trials import LayoutModels, TrialImages, evaluate_in_steps
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 LAYERS = ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1",
           "head"]
+# Each test's tmp_path/mlflow.db starts as an empty store already migrated (see conftest.py).
+pytestmark = pytest.mark.usefixtures("mlflow_store")
 
 
 def space_cfg(**kw):

@@ -88,6 +88,7 @@ def test_the_budget_is_the_smaller_of_megabytes_and_fraction():
     assert size_budget(space_cfg(), 0.5) is None
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_budgeted_pareto_study_evaluates_only_layouts_that_fit_and_its_best_run_reproduces_it(
         tmp_path, digits_vit, capsys):
     # W8 (0.186 MB) and W4 (0.120 MB) are over 0.11 MB, W2 (0.087 MB) fits
@@ -126,6 +127,7 @@ def test_a_budgeted_pareto_study_evaluates_only_layouts_that_fit_and_its_best_ru
     assert best["artifact_top1"] == best["top1"] and round(best["size_mb"] * 1e6) <= budget
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_killed_study_keeps_the_front_of_its_finished_trials(tmp_path, digits_vit, monkeypatch):
     real, calls = qsweep.search.study.evaluate_in_steps, []
 

@@ -95,6 +95,7 @@ def test_bad_search_choices_are_refused_with_key_value_and_choices(override, mat
         validate(cfg)
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_study_maximizes_agreement_with_fp32(tmp_path, digits_vit):
     result = execute(compose_search(tmp_path, "search.objective=agreement", "search.n_trials=4", "search.w_bits=[2,8]",
                                     "search.greedy=false", "search.top_k=1"), tmp_path / "out")
@@ -107,6 +108,7 @@ def test_a_study_maximizes_agreement_with_fp32(tmp_path, digits_vit):
     assert (tmp_path / "out" / "pareto.json").exists()
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_a_pareto_study_on_kl_keeps_a_minimizing_front(tmp_path, digits_vit):
     result = execute(compose_search(tmp_path, "search.objective=pareto", "search.quality=kl", "search.sampler=nsga2",
                                     "search.n_trials=4", "search.w_bits=[2,4,8]", "search.greedy=false",

@@ -81,6 +81,7 @@ def test_an_interrupted_trial_is_retried_first_however_often_and_whatever_stoppe
     assert "interrupted (Stopped); retried as trial 4" == trials[3].user_attrs["error"]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_an_interrupted_search_retries_its_layout_and_its_runs_say_so(tmp_path, digits_vit, one_thread, monkeypatch):
     real = qsweep.search.study.evaluate_in_steps
 

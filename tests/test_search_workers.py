@@ -58,6 +58,7 @@ def worker(tmp_path: Path, storage: str, n_trials: int, *extra: str, hook: str |
     cmd = [*python, "+experiment=digits_mixed_search", "progress=false",
            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"search.storage={storage}", f"search.study_name={study_name(tmp_path)}",
            f"search.n_trials={n_trials}", "search.seed=null", "search.top_k=0", "export.enabled=false",
+           "search.w_bits=[2,4,8]",  # what a worker does, not what it finds: 3 widths to quantize, not 6
            f"search.best_dir={tmp_path}/best", f"hydra.run.dir={tmp_path}/run-{time.monotonic_ns()}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the digits ViT's ops are tiny: threads only contend for the cores
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,6 +131,7 @@ def kill_mid_trial(tmp_path: Path, storage: str) -> None:
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 @pytest.mark.slow
 def test_a_killed_worker_trial_is_retried_journal(tmp_path, digits_vit):
     # no heartbeat on a journal: the trial's owner process being gone is what fails it
@@ -139,6 +141,7 @@ def test_a_killed_worker_trial_is_retried_journal(tmp_path, digits_vit):
     assert "is gone: it was killed" in killed.user_attrs["error"]
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 @pytest.mark.slow
 def test_a_killed_worker_trial_is_retried_sqlite(tmp_path, digits_vit):
     kill_mid_trial(tmp_path, f"sqlite:///{tmp_path}/optuna.db")

@@ -33,6 +33,7 @@ def call(base: str, endpoint: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 @pytest.mark.xdist_group("serial")  # binds a port on 127.0.0.1 (see conftest.py)
 @pytest.mark.slow
 def test_mlflow_server_on_loopback_serves_the_study(tmp_path, capsys, digits_vit):
@@ -82,6 +83,7 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, capsys, digits_vit
         server.wait(timeout=30)
 
 
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_the_runs_table_link_names_the_experiment(tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     out = subprocess.run([sys.executable, "-m", "qsweep.tracking", store, "http://127.0.0.1:5000"],
@@ -95,6 +97,7 @@ def test_the_runs_table_link_names_the_experiment(tmp_path):
 
 @pytest.mark.parametrize("key", ["quant.layers.blocks.0.*.w_bits", "quant.layers.@depthwise.w_bits",
                                  "quant.layers.features.[0-3]*.a_bits", "a-b c/d:e", "x-2D-y"])
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_any_config_key_is_an_mlflow_param_key_reversibly(tmp_path, key):
     rec = Recorder(f"sqlite:///{tmp_path}/mlflow.db", "keys")
     run_id = rec.start("r", {})

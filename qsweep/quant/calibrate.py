@@ -16,7 +16,7 @@ from qsweep.config import quant_recipe
 from qsweep.quant.batches import call_model, device_of, to_device
 from qsweep.quant.modules import QuantLinear, quant_module_for
 from qsweep.quant.plan import resolve_plan
-from qsweep.quant.quantizer import ActQuantizer, CalibrationError
+from qsweep.quant.quantizer import ActQuantizer, CalibrationError, warn_clipping
 from qsweep.quant.rotate import rotate_linears
 from qsweep.quant.smooth import smooth_linears
 from qsweep.quant.vit import quantize_attentions, rewrite_post_ln
@@ -98,4 +98,5 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = False, 
     consumers = {id(m.act): m.weight for m in model.modules() if isinstance(m, QuantLinear) and m.act is not None}
     for act in layers:
         act.freeze(consumers.get(id(act)))
+    warn_clipping(layers)  # one warning for the run's layers, not one each
     return seen

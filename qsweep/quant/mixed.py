@@ -26,23 +26,19 @@ from qsweep.config import ConfigError, quant_recipe
 from qsweep.export import artifact_bytes
 from qsweep.quant.batches import call_model, to_device
 from qsweep.quant.calibrate import prepare
+from qsweep.quant.knapsack import knapsack
 from qsweep.quant.modules import QuantLayer, quant_layers
-from qsweep.quant.packed import PackedWeight
+from qsweep.quant.packed import packed_bytes
 from qsweep.quant.plan import selects
 from qsweep.quant.quantizer import QuantizedWeight, quantize_weight
-from qsweep.quant.knapsack import knapsack
 
 FIT_TRIES = 8  # knapsack solves per budget before settling for the narrowest layout
+FLOAT = 32  # the knapsack's key for a float weight (``null`` in quant.mixed.widths)
 
 
 def width_options(layer: QuantLayer, float_weight: torch.Tensor, widths: Sequence[int]) -> dict[int, QuantizedWeight]:
     """``layer``'s weight rounded to nearest on the recipe's grid at each width."""
     return {b: quantize_weight(float_weight, replace(layer.plan.weight, bits=b), layer.layer_name) for b in widths}
-
-
-def packed_bytes(q: QuantizedWeight) -> int:
-    """The bytes a weight's codes and scales take in the artifact (:class:`~qsweep.quant.packed.PackedWeight`)."""
-    return sum(t.numel() * t.element_size() for t in PackedWeight(q).state_dict().values())
 
 
 def fisher_diagonals(model: nn.Module, layers: dict[str, QuantLayer], weights: dict[str, torch.Tensor],
@@ -104,15 +100,16 @@ class WidthPlanner:
         start = time.perf_counter()
         recipe = quant_recipe(recipe)
         self.mixed = mixed = recipe.mixed
-        self.widths = sorted(int(b) for b in mixed.widths)
+        self.widths = sorted(int(b) for b in mixed.widths if b is not None)
         self.work = copy.deepcopy(model).eval()
         floats: dict[str, torch.Tensor] = {}
         prepare(self.work, recipe, batches, float_weights=floats)  # its plan checks that quant.mixed.layers match
-        floats = {n: w.detach() for n, w in floats.items()}
+        self.floats = floats = {n: w.detach() for n, w in floats.items()}
         quantized = quant_layers(self.work)
         names = list(quantized)
         self.layers = {n: m for n, m in quantized.items() if m.qweight is not None
                        and any(selects(p, n, m, names) for p in mixed.layers)}
+        self.acts = {n: m.act for n, m in self.layers.items()}
         if not self.layers:
             raise ConfigError(f"quant.mixed.layers={list(mixed.layers)} selects no layer with quantized weights")
         self.rounded = {n: width_options(layer, floats[n], self.widths) for n, layer in self.layers.items()}
@@ -120,17 +117,25 @@ class WidthPlanner:
         fisher = fisher_diagonals(self.work, self.layers, floats, samples, int(mixed.draws), int(recipe.calib.seed))
         self.options = {n: {b: (packed_bytes(q), 0.5 * float((fisher[n] * (q.dequantize() - floats[n]).pow(2)).sum()))
                             for b, q in self.rounded[n].items()} for n in self.layers}
+        if None in mixed.widths:  # kept in float: no rounding error, its fp32 bytes (activation error not counted)
+            for n in self.layers:
+                self.options[n][FLOAT] = (floats[n].numel() * floats[n].element_size(), 0.0)
         self.uniform = {b: self.exact(dict.fromkeys(self.layers, b)) for b in (self.widths[0], self.widths[-1])}
         self.seconds = time.perf_counter() - start
 
     def exact(self, widths: dict[str, int]) -> int:
         """The artifact's bytes (``quant.mixed.kernels`` form) with the chosen layers at ``widths``."""
         for n, b in widths.items():
-            self.layers[n].set_qweight(self.rounded[n][b])
+            layer = self.layers[n]
+            if b == FLOAT:
+                layer.qweight, layer.weight, layer.act = None, self.floats[n].clone(), None
+            else:
+                layer.set_qweight(self.rounded[n][b])
+                layer.act = self.acts[n]
         return artifact_bytes(self.work, self.mixed.kernels)
 
     def choose(self, budget: int) -> dict[str, Any]:
-        """The least-cost widths within ``budget`` bytes: ``widths`` ({layer: bits}), ``budget_bytes``, the
+        """The least-cost widths within ``budget`` bytes: ``widths`` ({layer: bits, None: float}), ``budget_bytes``, the
         layout's exact ``bytes``, the narrowest and widest uniform layouts' bytes, samples and seconds."""
         start = time.perf_counter()
         low, high = self.widths[0], self.widths[-1]
@@ -150,7 +155,7 @@ class WidthPlanner:
                 pick = candidate
                 break
             target -= size - budget
-        return {"widths": pick, "budget_bytes": budget, "bytes": self.exact(pick), "kernels": self.mixed.kernels,
+        return {"widths": {n: None if b == FLOAT else b for n, b in pick.items()}, "budget_bytes": budget, "bytes": self.exact(pick), "kernels": self.mixed.kernels,
                 "uniform_bytes": self.uniform, "samples": self.samples,
                 "seconds": round(self.seconds + time.perf_counter() - start, 2)}
 
@@ -172,6 +177,7 @@ def with_widths(recipe: DictConfig, widths: dict[str, int]) -> DictConfig:
     """``recipe`` with each chosen layer's width written out in ``layers`` (after its own overrides) and
     ``mixed`` off: the layout as a plain recipe, which a run can reproduce without choosing again."""
     plain = OmegaConf.to_container(recipe, resolve=True)
-    plain["layers"] = {**plain.get("layers", {}), **{n: {"w_bits": b} for n, b in widths.items()}}
+    kept = {"w_bits": None, "a_bits": None}  # float: weight and input, as quant.skip leaves a layer
+    plain["layers"] = {**plain.get("layers", {}), **{n: {"w_bits": b} if b else kept for n, b in widths.items()}}
     plain["mixed"] = {**plain["mixed"], "enabled": False}
     return quant_recipe(plain)

@@ -36,3 +36,8 @@ class PackedWeight(nn.Module):
         codes = unpack(self.packed, self.bits, self.numel).reshape(self.view_shape).float()
         offset = self.offset.float() if not self.symmetric else float(self.qmin)
         return ((codes + offset) * self.scale.float()).reshape(self.shape)
+
+
+def packed_bytes(q: QuantizedWeight) -> int:
+    """The bytes a weight's codes and scales take in the artifact (its :class:`PackedWeight`'s tensors)."""
+    return sum(t.numel() * t.element_size() for t in PackedWeight(q).state_dict().values())

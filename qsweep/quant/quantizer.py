@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,9 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.observer: ActivationObserver | None = None
         self.choice: str | None = None  # observer=auto: the range it chose
+        # After freeze: how many times min-max's output error the clipping observer's range causes, where that is
+        # over CLIP_WARN_RATIO (it clips values that matter), else None; warn_clipping reports them all at once.
+        self.clip_ratio: float | None = None
 
     def start_observing(self, seed: int = 0) -> None:
         if not self.dynamic:
@@ -137,10 +141,7 @@ class ActQuantizer(nn.Module):
         self.scale, self.zero_point = qparams(lo, hi, self.grid)
         self.choice = self.observer.choice
         ratio = self.observer.error_vs_minmax
-        if ratio is not None and ratio > CLIP_WARN_RATIO:
-            warnings.warn(f"quant.act.observer={self.cfg.observer}: the range it gives {self.layer_name!r} causes "
-                          f"{ratio:.1f}x the output error of min-max (it clips values that matter); "
-                          "observer=auto chooses per layer", ClippingWarning, stacklevel=2)
+        self.clip_ratio = ratio if ratio is not None and ratio > CLIP_WARN_RATIO else None
         self.observer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,3 +160,18 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "per_token" if self.dynamic else "per_tensor"
         return f"bits={self.grid.bits}, symmetric={self.grid.symmetric}, {kind}"
+
+
+def warn_clipping(acts: Iterable[ActQuantizer], worst: int = 3) -> None:
+    """One :class:`ClippingWarning` for all the frozen quantizers in ``acts`` whose clipping observer costs their
+    layer more than ``CLIP_WARN_RATIO`` x min-max's output error: how many, and the ``worst`` of them."""
+    acts = list(acts)
+    clipped = sorted((a for a in acts if a.clip_ratio is not None), key=lambda a: -a.clip_ratio)
+    if not clipped:
+        return
+    observers = "/".join(sorted({a.cfg.observer for a in clipped}))
+    named = ", ".join(f"{a.layer_name!r} {a.clip_ratio:.1f}x" for a in clipped[:worst])
+    rest = f" and {len(clipped) - worst} more" if len(clipped) > worst else ""
+    warnings.warn(f"quant.act.observer={observers} clips values that matter in {len(clipped)} of {len(acts)} "
+                  f"quantized inputs: more than {CLIP_WARN_RATIO:g}x the output error of min-max in {named}{rest}; "
+                  "observer=auto chooses per layer", ClippingWarning, stacklevel=2)

@@ -22,13 +22,13 @@ from optuna.trial import TrialState
 
 from qsweep.app import run
 from qsweep.evaluate import evaluate
+from qsweep.export import artifact_bytes
 from qsweep.files import write_text
 from qsweep.quant.intkernel import to_int_backend
 from qsweep.quant.pipeline import quantize
 from qsweep.report import format_table
 from qsweep.search.fidelity import Quality, describe, mean_quality, reference_outputs
 from qsweep.search.plots import plot_history, plot_layout_heatmap, plot_pareto
-from qsweep.export import artifact_bytes
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import Worker, best_experiment_yaml, counts, eval_backend, trial_rows, write_trials_csv
 from qsweep.tracking import NullRecorder, Recorder

@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader, Subset
 
 from qsweep.config import quant_recipe
 from qsweep.evaluate import top1_correct
-from qsweep.search.fidelity import QUALITIES, Quality, inputs_of, labels_of
 from qsweep.export import artifact_bytes
+from qsweep.search.fidelity import QUALITIES, Quality, inputs_of, labels_of
 from qsweep.quant.pipeline import quantize
 from qsweep.quant.smooth import input_divisors
 from qsweep.quant.intkernel import to_int_backend
-from qsweep.quant.packed import PackedWeight
+from qsweep.quant.packed import packed_bytes
 from qsweep.search.space import FLOAT, SearchSpace
 
 
@@ -119,7 +119,7 @@ class LayoutModels:
             base = quantize(model, recipe_with(recipe, space.layers, w_bits=None, a_bits=None), weight_calib)
             self.floats = {n: base.get_submodule(n) for n in space.layers}
         self.param_counts = {n: m.weight.numel() for n, m in self.quant_modules.items()}
-        self.packed_bytes = {key: _packed_bytes(q) for key, q in self.weights.items()}
+        self.packed_bytes = {key: packed_bytes(q) for key, q in self.weights.items()}
         self._fixed_bytes = artifact_bytes(self.model, kernels) - sum(
             self.packed_bytes[(n, top_w)] for n in space.layers)
         self._float_bytes = {n: sum(t.numel() * t.element_size() for t in m.state_dict().values())
@@ -176,10 +176,6 @@ class LayoutModels:
     def runner(self, backend: str) -> tuple[nn.Module, dict[str, str]]:
         """The model to evaluate: the integer-kernel copy (``int``) or the fake-quant model itself."""
         return to_int_backend(self.model) if backend == "int" else (self.model, {})
-
-
-def _packed_bytes(qweight) -> int:
-    return sum(t.numel() * t.element_size() for t in PackedWeight(qweight).state_dict().values())
 
 
 @dataclass
