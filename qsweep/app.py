@@ -79,7 +79,7 @@ def run(cfg: DictConfig, output_dir: str | Path, parent_run_id: str | None = Non
             checked = validate(cfg)
             check_environment(checked, output_dir)
         except Exception:
-            rec = _record_refused(cfg, output_dir, parent_run_id, sweep, overrides)
+            rec = record_refused(cfg, output_dir, parent_run_id, sweep, overrides)
             raise
         rec = _open_recorder(checked)
         _start_run(rec, checked, output_dir, parent_run_id, sweep, overrides)
@@ -108,7 +108,7 @@ def _start_run(rec: Recorder | NullRecorder, cfg: DictConfig, output_dir: Path, 
     rec.log_params(run_params(cfg, overrides))
 
 
-def _record_refused(cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
+def record_refused(cfg: DictConfig, output_dir: Path, parent_run_id: str | None,
                     sweep: str | None, overrides: Sequence[str]) -> Recorder | NullRecorder:
     """A run for a config that was refused before recording began, with the params that can be read.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qsweep.app import run
+from qsweep.app import record_refused, run
 from qsweep.config import validate
 from qsweep.job import PROJECT_DIR, check_environment, record_failure
 from qsweep.search import run_search
@@ -23,9 +23,13 @@ def execute(cfg: DictConfig, output_dir: str | Path, sweep: str | None = None,
         return run(cfg, output_dir, sweep=sweep, overrides=overrides)
     output_dir = Path(output_dir)
     try:
-        cfg = validate(cfg)
-        check_environment(cfg, output_dir)
-        return run_search(cfg, output_dir, PROJECT_DIR, sweep=sweep, overrides=overrides)
+        checked = validate(cfg)
+        check_environment(checked, output_dir)
+    except BaseException as exc:
+        record_failure(output_dir, record_refused(cfg, output_dir, None, sweep, overrides), exc)
+        raise
+    try:
+        return run_search(checked, output_dir, PROJECT_DIR, sweep=sweep, overrides=overrides)
     except BaseException as exc:
         record_failure(output_dir, NullRecorder(), exc)  # the study's own runs record themselves
         raise

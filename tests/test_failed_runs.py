@@ -76,8 +76,6 @@ def test_an_exception_mid_quantization_is_a_failed_run_with_its_traceback(tmp_pa
     assert "in broken" in (outcome.run_dir / "error.txt").read_text()  # the traceback, for the bug report
 
 
-@pytest.mark.xfail(strict=True, reason="mode=search refusals reach error.txt only: qsweep.modes.execute records them "
-                                       "with a NullRecorder, where app.run records a FAILED run (issue 22)")
 def test_a_refused_search_config_is_a_failed_run_with_its_reason(tmp_path, monkeypatch, capsys):
     outcome = run_cli(tmp_path, monkeypatch, capsys, "+experiment=digits_mixed_search", "search.n_trials=0",
                       f"search.storage=sqlite:///{tmp_path}/optuna.db")
