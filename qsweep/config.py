@@ -39,6 +39,7 @@ TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze", "search")
 BACKENDS = ("auto", "fake", "int")
 EXPORT_KERNELS = ("fake", "int")
+FISHER_MODELS = ("categorical", "gaussian")  # quant.mixed.fisher: the output model of the Fisher information
 ADAROUND_MODES = ("off", "layer", "block")
 LSQ_MODES = ("off", "act", "weight", "both")
 SOFTMAX_QUANTIZERS = ("uniform", "log2")
@@ -148,7 +149,10 @@ class MixedConfig:
     budget_mb: Optional[float] = None  # the artifact's size in MB (1e6 bytes); overrides budget_fraction
     layers: list[str] = field(default_factory=lambda: ["*"])  # globs / kinds whose width is chosen; others keep theirs
     num_samples: int = 128  # calibration samples the Fisher information is measured on (one backward pass per draw)
-    draws: int = 2  # labels drawn per sample from the model's own softmax
+    draws: int = 2  # outputs drawn per sample from the output model
+    # the output model: categorical (class logits, labels drawn from their softmax) | gaussian (features such as
+    # an embedding or last_hidden_state, y = output + unit Gaussian noise: the cost predicts their squared error)
+    fisher: str = "categorical"
     kernels: str = "int"  # the artifact form whose bytes the budget counts: the run's export.kernels
 
 
@@ -491,7 +495,8 @@ def validate_mixed(m: MixedConfig | DictConfig) -> None:
         if str(pattern).startswith("@"):
             _choice("quant.mixed.layers entry", pattern, LAYER_KINDS)
     _in_range("quant.mixed.num_samples", m.num_samples, 1, 10**6, "need at least 1 calibration sample")
-    _in_range("quant.mixed.draws", m.draws, 1, 1000, "need at least 1 label draw per sample")
+    _in_range("quant.mixed.draws", m.draws, 1, 1000, "need at least 1 output draw per sample")
+    _choice("quant.mixed.fisher", m.fisher, FISHER_MODELS)
     _choice("quant.mixed.kernels", m.kernels, EXPORT_KERNELS)
 
 

@@ -121,6 +121,28 @@ def digits_w2_w8(digits):
     return w2, w8
 
 
+class _KeywordInput(nn.Module):
+    """:func:`_hand_model` taking its input by keyword, as a tokenized text batch is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _hand_model()
+
+    def forward(self, features):
+        return self.net(features)
+
+
+def test_sensitivity_of_a_model_that_takes_keyword_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4)
+    model = _KeywordInput()
+    labels = [model(xb).argmax(1) for xb in x]
+    by_keyword = sens.compute_sensitivity(model, QuantConfig(), [{"features": xb} for xb in x],
+                                          [({"features": xb}, y) for xb, y in zip(x, labels)], 2, progress=False)
+    positional = sens.compute_sensitivity(model.net, QuantConfig(), list(x), list(zip(x, labels)), 2, progress=False)
+    assert [{**r, "name": r["name"][len("net."):]} for r in by_keyword["rows"]] == positional["rows"]
+
+
 def _linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 

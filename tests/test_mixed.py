@@ -82,22 +82,75 @@ def test_float_is_a_choice_for_the_layers_that_need_it_most(cnn):
     assert set(everything["widths"].values()) == {None}  # room for every float weight: nothing is rounded
 
 
-def test_fisher_diagonal_of_a_softmax_classifier_matches_its_closed_form():
-    """For logits ``W x``, ``E_y[(d log p(y|x) / dW_ij)^2] = p_i (1 - p_i) x_j^2`` (y drawn from p)."""
+def linear_fisher(samples: int, draws: int, fisher: str = "categorical"):
+    """A bias-free ``Linear(5, 3)`` prepared at 8 bits on ``samples`` seeded inputs: the inputs, its float
+    weight, its quantized layers and the Fisher diagonal of ``fisher``'s output model."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3, bias=False))
-    x = torch.randn(2, 5)
+    x = torch.randn(samples, 5)
     floats: dict[str, torch.Tensor] = {}
     prepare(model, quant_recipe({"weight": {"bits": 8}, "act": {"bits": None}}), [x], float_weights=floats)
     layers = quant_layers(model)
-    fisher = fisher_diagonals(model, layers, {n: w.detach() for n, w in floats.items()},
-                              single_samples([x], 2), draws=6000, seed=0)["0"]
-    with torch.no_grad():
-        p = torch.softmax(x @ floats["0"].T, dim=1)
+    diagonal = fisher_diagonals(model, layers, {n: w.detach() for n, w in floats.items()},
+                                single_samples([x], samples), draws=draws, seed=0, fisher=fisher)["0"]
+    return x, floats["0"].detach(), layers, diagonal
+
+
+def test_fisher_diagonal_of_a_softmax_classifier_matches_its_closed_form():
+    """For logits ``W x``, ``E_y[(d log p(y|x) / dW_ij)^2] = p_i (1 - p_i) x_j^2`` (y drawn from p)."""
+    x, weight, layers, fisher = linear_fisher(2, draws=6000)
+    p = torch.softmax(x @ weight.T, dim=1)
     expected = ((p * (1 - p)).T @ x.pow(2)) / 2
     assert torch.allclose(fisher, expected, rtol=0.1, atol=1e-3)
     # the layer computes with its quantized weight and input quantizer again afterwards
     assert layers["0"].weight.requires_grad is False
+
+
+def test_gaussian_fisher_diagonal_of_a_linear_model_matches_its_closed_form():
+    """For outputs ``W x`` as the mean of a unit Gaussian, ``E_eps[(d log N(y; Wx, I) / dW_ij)^2] = x_j^2``."""
+    x, _, _, fisher = linear_fisher(4, draws=3000, fisher="gaussian")
+    assert torch.allclose(fisher, x.pow(2).mean(0).expand(3, 5), rtol=0.1, atol=1e-3)
+
+
+def tiny_bert():
+    """A random two-layer ``BertModel`` (its output a ModelOutput with ``last_hidden_state``) and token batches."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 64, (16, 12))
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0  # padded sentences, as a tokenizer's batches have
+    return model, [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(4), mask.split(4))]
+
+
+def test_gaussian_fisher_chooses_widths_for_a_model_without_class_logits():
+    model, batches = tiny_bert()
+    timings = QuantizeTimings()
+    # 0.9: its float embedding tables are most of the artifact, so all-3-bit is 0.83 of all-8-bit
+    q = qsweep.quantize(model, recipe(fisher="gaussian", budget_fraction=0.9, kernels="fake"), batches,
+                        timings=timings)
+    chosen = timings.mixed
+    assert chosen["bytes"] == artifact_bytes(q, "fake") <= chosen["budget_bytes"]
+    assert {n: m.w_bits for n, m in quant_layers(q).items()} == chosen["widths"]
+    assert len(set(chosen["widths"].values())) > 1
+
+
+def test_categorical_fisher_reads_the_logits_of_a_model_output():
+    from hf_tiny import tiny_vit
+
+    model = tiny_vit()  # returns an ImageClassifierOutput
+    batches = list(torch.randn(8, 1, 16, 16).split(4))
+    report = choose_widths(model, quant_recipe(recipe(budget_fraction=0.9, kernels="fake")), batches)
+    assert report["bytes"] <= report["budget_bytes"] and len(set(report["widths"].values())) > 1
+
+
+def test_categorical_fisher_on_a_model_without_logits_says_to_use_gaussian():
+    model, batches = tiny_bert()
+    with pytest.raises(ConfigError, match="quant.mixed.fisher=gaussian"):
+        choose_widths(model, quant_recipe(recipe()), batches)
 
 
 def test_single_samples_splits_tuples_and_dicts():
@@ -117,6 +170,7 @@ def test_single_samples_splits_tuples_and_dicts():
     ({"layers": ["blocks.99.*"]}, "quant.mixed.layers"),
     ({"layers": ["@pointwise"]}, "quant.mixed.layers"),
     ({"kernels": "onnx"}, "quant.mixed.kernels"),
+    ({"fisher": "poisson"}, r"quant.mixed.fisher='poisson' is not allowed; choose one of \['categorical', 'gau"),
 ])
 def test_bad_mixed_settings_are_refused_naming_the_key(cnn, mixed, message):
     model, batches = cnn

@@ -262,12 +262,23 @@ def merge(old_path: Path, new: list[dict], order: list[str]) -> list[dict]:
     return [by_label[label] for label in order if label in by_label]
 
 
-def update_readme(path: Path, text: str) -> None:
-    doc = path.read_text()
-    head, rest = doc.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
+def check_readme(path: Path, markers: tuple[str, str] = (MARK_START, MARK_END)) -> str:
+    """``path``'s text; stops naming what is missing unless it holds both ``markers``, in order."""
+    doc = path.read_text() if path.is_file() else ""
+    start, end = markers
+    if start not in doc or end not in doc.split(start, 1)[1]:
+        raise SystemExit(f"--readme {path}: needs the lines {start} and {end} (in this order), to write "
+                         "the table between")
+    return doc
+
+
+def update_readme(path: Path, text: str, markers: tuple[str, str] = (MARK_START, MARK_END)) -> None:
+    """Replaces what lies between ``markers`` in ``path`` with ``text``."""
+    start, end = markers
+    head, rest = check_readme(path, markers).split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{tail}")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
     os.replace(tmp, path)
 
 
@@ -291,16 +302,20 @@ def environment(threads: int, sents: list[str], n_eval: int, load: tuple) -> dic
             "load_average_start": load[0], "load_average_end": load[1]}
 
 
-def prepare(n_eval: int) -> tuple[Setup, list[str]]:
-    fp, tokenizer = minilm.load()
-    sents = corpus.sentences()
+def eval_sentences(tokenizer, sents: list[str], n_eval: int) -> list[str]:
+    """The ``n_eval`` sentences after the calibration ones, shortest first: batches pad to their longest,
+    so sorting by length halves the compute."""
     if len(sents) < CALIB_SENTENCES + n_eval:
         raise SystemExit(f"the corpus has {len(sents)} sentences: at most {len(sents) - CALIB_SENTENCES} "
                          f"can be evaluated beside {CALIB_SENTENCES} calibration sentences")
-    # Evaluation sentences sorted by length: batches pad to their longest, so this halves the compute.
-    ev = sorted(sents[CALIB_SENTENCES:CALIB_SENTENCES + n_eval], key=lambda t: len(tokenizer(t)["input_ids"]))
+    return sorted(sents[CALIB_SENTENCES:CALIB_SENTENCES + n_eval], key=lambda t: len(tokenizer(t)["input_ids"]))
+
+
+def prepare(n_eval: int) -> tuple[Setup, list[str]]:
+    fp, tokenizer = minilm.load()
+    sents = corpus.sentences()
     names = minilm.linear_names(fp)
-    batches = minilm.tokenize(tokenizer, ev)
+    batches = minilm.tokenize(tokenizer, eval_sentences(tokenizer, sents, n_eval))
     ref = minilm.reference(minilm.module_runner(fp, names), batches)
     return Setup(fp, names, minilm.tokenize(tokenizer, sents[:CALIB_SENTENCES]), batches, ref), sents
 

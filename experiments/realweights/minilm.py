@@ -65,6 +65,21 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
 
 
+class Embedder(nn.Module):
+    """The encoder with the sentence embedding as its output: ``forward(**batch)`` gives :func:`pool`'s
+    ``(sentences, dim)`` (module names: the encoder's under ``bert.``)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.bert = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        return pool(hidden, attention_mask)
+
+
 def nearest(emb: torch.Tensor) -> torch.Tensor:
     """Index of each sentence's nearest other sentence by cosine."""
     sim = emb @ emb.T

@@ -172,12 +172,13 @@ class LayerSwapper:
 @torch.no_grad()
 def _eval_pass(model: nn.Module, loader: Iterable, device: torch.device, keep_images: int
                ) -> tuple[int, int, Tensor]:
-    """(correct top-1, images, logits of the first >= ``keep_images`` images, whole batches)."""
+    """(correct top-1, images, logits of the first >= ``keep_images`` images, whole batches); ``x`` of an
+    ``(x, y)`` batch is the model's input as a calibration batch gives it (a tensor, or a dict of keywords)."""
     correct = images = kept = 0
     logits_kept = []
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+        y = y.to(device)
+        logits = call_model(model, to_device(x, device))
         correct += top1_correct(logits, y)
         images += len(y)
         if kept < keep_images:

@@ -2,19 +2,23 @@
 
 A layer's cost at ``b`` bits is the increase of KL(FP || quantized) that its rounding error alone
 predicts to second order, ``0.5 * sum_i F_ii (Q_b(w)_i - w_i)^2``, with ``F`` the diagonal of the
-model's Fisher information (per-sample gradients of ``log p(y | x)``, ``y`` drawn from the model's own
-softmax, on calibration samples: no labels needed), and ``Q_b`` the recipe's weight quantizer at ``b``
-bits. Every (layer, width) is sized exactly as the artifact stores it (packed codes and scales), the
-rest of the artifact once, and the exact multiple-choice knapsack picks the widths of least summed cost
-that fit. On EfficientNet-Lite0 this Fisher cost picks better layouts than HAWQ's Hessian-trace cost and
-as good as measuring every layer at every width, at 1/100 of the latter's time (experiments/realvision).
+model's Fisher information (per-sample gradients of ``log p(y | x)``, ``y`` drawn from the model itself
+on calibration samples: no labels needed), and ``Q_b`` the recipe's weight quantizer at ``b`` bits.
+The output model (``quant.mixed.fisher``) is ``categorical`` for class logits (``y`` drawn from their
+softmax) or ``gaussian`` for features such as a sentence embedding or a hidden state (``y = f(x) + eps``
+with ``eps ~ N(0, I)``, so ``F`` estimates the diagonal of ``J^T J`` and the cost predicts the output's
+squared error). Every (layer, width) is sized exactly as the artifact stores it (packed codes and
+scales), the rest of the artifact once, and the exact multiple-choice knapsack picks the widths of least
+summed cost that fit. On EfficientNet-Lite0 this Fisher cost picks better layouts than HAWQ's
+Hessian-trace cost and as good as measuring every layer at every width, at 1/100 of the latter's time
+(experiments/realvision).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -41,10 +45,47 @@ def width_options(layer: QuantLayer, float_weight: torch.Tensor, widths: Sequenc
     return {b: quantize_weight(float_weight, replace(layer.plan.weight, bits=b), layer.layer_name) for b in widths}
 
 
+def fisher_output(out: Any, fisher: str) -> torch.Tensor:
+    """The output the Fisher information is taken on: a tensor itself; of a ModelOutput or dict, its ``logits``
+    (categorical) or ``last_hidden_state`` (gaussian), else its first tensor; of a tuple, its first tensor."""
+    if torch.is_tensor(out):
+        return out
+    values: list[Any] = []
+    if isinstance(out, Mapping):
+        key = "logits" if fisher == "categorical" else "last_hidden_state"
+        if key in out:
+            return out[key]
+        if fisher == "categorical":
+            raise ConfigError(f"quant.mixed.fisher=categorical draws labels from class logits, and the model returns "
+                              f"a {type(out).__name__} without 'logits' (it holds {list(out)}); set "
+                              "quant.mixed.fisher=gaussian for features such as embeddings or hidden states")
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    first = next((v for v in values if torch.is_tensor(v)), None)
+    if first is None:
+        raise ConfigError(f"quant.mixed: the model returns a {type(out).__name__} holding no tensor to measure the "
+                          "Fisher information on")
+    return first
+
+
+def drawn_log_likelihood(out: torch.Tensor, fisher: str, gen: torch.Generator) -> torch.Tensor:
+    """``log p(y | x)`` of one ``y`` drawn from the output model at one sample's output ``out``."""
+    if fisher == "categorical":
+        logp = torch.log_softmax(out.float().flatten(1), dim=1)
+        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen)[0, 0]
+        return logp[0, y]
+    mean = out.float()
+    y = mean.detach() + torch.randn(mean.shape, generator=gen).to(mean.device)
+    return -0.5 * (y - mean).pow(2).sum()  # log N(y; f(x), I) up to a constant: its gradient is J^T eps
+
+
 def fisher_diagonals(model: nn.Module, layers: dict[str, QuantLayer], weights: dict[str, torch.Tensor],
-                     samples: Sequence[Any], draws: int, seed: int) -> dict[str, torch.Tensor]:
-    """Per-weight Fisher information of ``layers`` in the float model: quantized layers run their float
-    weight with their input quantizers off (what the float model computes)."""
+                     samples: Sequence[Any], draws: int, seed: int, fisher: str = "categorical"
+                     ) -> dict[str, torch.Tensor]:
+    """Per-weight Fisher information of ``layers`` in the float model under the output model ``fisher``
+    (``categorical`` | ``gaussian``): quantized layers run their float weight with their input quantizers
+    off (what the float model computes)."""
     device = next(iter(weights.values())).device
     acts = {n: layer.act for n, layer in layers.items()}
     params = {n: weights[n].detach().clone().requires_grad_(True) for n in layers}
@@ -55,11 +96,10 @@ def fisher_diagonals(model: nn.Module, layers: dict[str, QuantLayer], weights: d
         for n, layer in layers.items():
             layer.act, layer.weight = None, params[n]
         for sample in samples:
-            logp = torch.log_softmax(call_model(model, to_device(sample, device)).float().flatten(1), dim=1)
+            out = fisher_output(call_model(model, to_device(sample, device)), fisher)
             for draw in range(draws):
-                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen)[0, 0]
-                grads = torch.autograd.grad(logp[0, y], list(params.values()), retain_graph=draw < draws - 1,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(drawn_log_likelihood(out, fisher, gen), list(params.values()),
+                                            retain_graph=draw < draws - 1, allow_unused=True)
                 for n, g in zip(params, grads):
                     if g is not None:
                         sums[n].add_(g.detach().pow(2))
@@ -114,7 +154,8 @@ class WidthPlanner:
             raise ConfigError(f"quant.mixed.layers={list(mixed.layers)} selects no layer with quantized weights")
         self.rounded = {n: width_options(layer, floats[n], self.widths) for n, layer in self.layers.items()}
         self.samples = len(samples := single_samples(batches, int(mixed.num_samples)))
-        fisher = fisher_diagonals(self.work, self.layers, floats, samples, int(mixed.draws), int(recipe.calib.seed))
+        fisher = fisher_diagonals(self.work, self.layers, floats, samples, int(mixed.draws), int(recipe.calib.seed),
+                                  str(mixed.fisher))
         self.options = {n: {b: (packed_bytes(q), 0.5 * float((fisher[n] * (q.dequantize() - floats[n]).pow(2)).sum()))
                             for b, q in self.rounded[n].items()} for n in self.layers}
         if None in mixed.widths:  # kept in float: no rounding error, its fp32 bytes (activation error not counted)
