@@ -39,6 +39,7 @@ TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze", "search")
 BACKENDS = ("auto", "fake", "int")
 EXPORT_KERNELS = ("fake", "int")
+WARM_COSTS = ("fisher", "sqnr")  # search.warm_cost: the per-layer cost of the knapsack warm start
 FISHER_MODELS = ("categorical", "gaussian")  # quant.mixed.fisher: the output model of the Fisher information
 ADAROUND_MODES = ("off", "layer", "block")
 LSQ_MODES = ("off", "act", "weight", "both")
@@ -243,6 +244,10 @@ class SearchConfig:
     # also enqueue sensitivity-guided layouts: per budget, the least summed per-layer sensitivity that fits it
     # (an exact multiple-choice knapsack over the artifact's bytes, checked by the exact size)
     greedy: bool = True
+    # their per-layer cost: fisher (quant.mixed's Fisher-weighted rounding error at each width, with the
+    # recipe's quant.mixed.fisher / num_samples / draws) | sqnr (each layer's output SQNR alone at
+    # analysis.w_bits, extrapolated 4x noise per bit). On Lite0 fisher's layouts keep more agreement.
+    warm_cost: str = "fisher"
     greedy_budget_mb: Optional[float] = None  # their size budget; null: each uniform layout's size between
     #                                           the narrowest and the widest width; capped by the size budget
     pruner: str = "bound"  # bound: stop a trial that can no longer beat the best | median | none
@@ -586,6 +591,7 @@ def validate_search(s: SearchConfig | DictConfig) -> None:
         if b not in s.w_bits:
             raise ConfigError(f"search.warm_start={list(s.warm_start)} is not allowed; {b} is not in "
                               f"search.w_bits={list(s.w_bits)}")
+    _choice("search.warm_cost", s.warm_cost, WARM_COSTS)
     if s.greedy_budget_mb is not None:
         _in_range("search.greedy_budget_mb", s.greedy_budget_mb, 1e-9, 1e9, "must be > 0 MB, or null")
     _in_range("search.prune_steps", s.prune_steps, 1, 1000, "must be >= 1")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from torch import nn
 
 import qsweep.search.study
-from qsweep.config import QuantConfig, quant_recipe
+from qsweep.config import ConfigError, QuantConfig, quant_recipe
 from qsweep.data import calibration_batches
 from qsweep.export import artifact_bytes, export_program, load_program, state_dict_size_mb
 from qsweep.modes import execute
@@ -23,7 +25,7 @@ from qsweep.search.front import feasible
 from qsweep.search.plots import pareto_front
 from qsweep.search.retries import enqueue_retry
 from qsweep.search.space import FLOAT, SearchSpace
-from qsweep.search.warm import knapsack_layout, layer_noise
+from qsweep.search.warm import fisher_noise, knapsack_layout, layer_noise
 from qsweep.search.study import size_budget
 from qsweep.search.trials import LayoutModels
 from test_search import compose_search, space_cfg, study_of
@@ -68,6 +70,24 @@ def test_the_knapsack_warm_start_fits_the_budget_with_least_sensitivity(models):
         assert fitting and all(cost(layout) <= cost(u) + 1e-12 for u in fitting)
     assert knapsack_layout(space, models, noise, narrowest - 1000) is None  # nothing fits
     assert knapsack_layout(space, models, noise, narrowest) == space.uniform(2)
+
+
+def test_the_fisher_warm_start_costs_fall_with_bits_and_pick_a_layout_under_the_budget(models, digits_vit,
+                                                                                       digits_bundle):
+    space = models.space
+    cfg = OmegaConf.create({"quant": quant_recipe(QuantConfig())})
+    job = SimpleNamespace(model=digits_vit, calib=calibration_batches(digits_bundle, cfg.quant.calib))
+    noise = fisher_noise(cfg, space, job)
+    for name in space.layers:  # the Fisher-weighted rounding error: less with every extra bit, none in float
+        assert noise(name, 2) > noise(name, 4) > noise(name, 8) > 0.0 == noise(name, FLOAT)
+    budget = (models.layout_bytes(space.uniform(4)) + models.layout_bytes(space.uniform(8))) // 2
+    layout = knapsack_layout(space, models, noise, budget)
+    assert models.layout_bytes(layout) <= budget and layout != space.uniform(4)
+
+
+def test_a_bad_warm_cost_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"search.warm_cost='hessian' is not allowed; choose one of \['fisher', 'sqnr'\]"):
+        execute(compose_search(tmp_path, "search.warm_cost=hessian"), tmp_path / "run")
 
 
 def test_a_retried_trial_measures_its_constraint_again():

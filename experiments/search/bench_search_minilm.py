@@ -49,7 +49,6 @@ import minilm  # noqa: E402
 import searchbench  # noqa: E402
 
 from qsweep.search.fidelity import QUALITIES  # noqa: E402
-from qsweep.search.warm import SENSITIVITY_IMAGES  # noqa: E402  as the command line's warm start
 
 HAWQ_SENTENCES = 16  # as many inputs as the Lite0 bench's Hessian traces take
 
@@ -98,14 +97,6 @@ class Bench(searchbench.Bench):
     def hawq_traces(self) -> dict[str, float]:
         first = {k: v[:HAWQ_SENTENCES] for k, v in self.calib[0].items()}
         return hawq.embedding_hessian_traces(self.fp, [first], self.space.layers, iters=16)
-
-    def sensitivity_data(self) -> tuple[list, int]:
-        """Search-half batches spread over the lengths. Their labels, the largest coordinate of FP32's
-        embedding, only fill the sensitivity's top-1 column: the warm start reads its output SQNR."""
-        batches, ref = self.batches["search"], self.ref["search"]
-        k = -(-SENSITIVITY_IMAGES // minilm.BATCH_SIZE)
-        step = max(1, len(batches) // k)
-        return [(b, r.argmax(1)) for b, r in zip(batches[::step][:k], ref[::step][:k])], ref[0].shape[1]
 
 
 def main() -> None:

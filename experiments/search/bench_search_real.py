@@ -43,7 +43,6 @@ import hawq  # noqa: E402
 import searchbench  # noqa: E402
 
 from qsweep.quant.fold import fold_batchnorm  # noqa: E402
-from qsweep.search.warm import SENSITIVITY_IMAGES  # noqa: E402  as the command line's warm start
 
 
 class Bench(searchbench.Bench):
@@ -79,11 +78,6 @@ class Bench(searchbench.Bench):
         folded = vision.lite0.load()
         fold_batchnorm(folded, lambda: folded(self.calib[0][:2]))
         return hawq.hessian_traces(folded, [self.calib[0][:16]], self.space.layers, iters=16)
-
-    def sensitivity_data(self) -> tuple[list, int]:
-        """The first search-half views with FP32's top-1 as labels."""
-        x, y = self.inputs["search"][:SENSITIVITY_IMAGES], self.ref["search"][:SENSITIVITY_IMAGES].argmax(1)
-        return list(zip(x.split(vision.EVAL_BATCH), y.split(vision.EVAL_BATCH))), self.ref["search"].shape[1]
 
 
 def main() -> None:

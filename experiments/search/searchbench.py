@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "experiments" / "realweights"))
 import bench_real as real  # noqa: E402  write_json, check_readme, update_readme
 
-from qsweep.analysis.sensitivity import compute_sensitivity  # noqa: E402
 from qsweep.config import SearchConfig, shipped_recipe  # noqa: E402
 from qsweep.quant.calibrate import prepare  # noqa: E402
 from qsweep.quant.knapsack import knapsack  # noqa: E402
@@ -36,7 +36,7 @@ from qsweep.search.plots import pareto_front  # noqa: E402
 from qsweep.search.space import SearchSpace  # noqa: E402
 from qsweep.search.study import layer_names_of, make_sampler  # noqa: E402
 from qsweep.search.trials import LayoutModels  # noqa: E402
-from qsweep.search.warm import knapsack_layout, layer_noise  # noqa: E402
+from qsweep.search.warm import fisher_noise, knapsack_layout  # noqa: E402
 
 METHODS = ("uniform", "random", "hawq", "mixed", "qsweep")
 
@@ -58,8 +58,8 @@ class Bench:
     """The model's layouts (:class:`LayoutModels` of the shipped ``w4a8``, one weight width per layer) and their
     numbers on the two halves of the evaluation inputs, cached by layout.
 
-    A subclass sets the class attributes and gives :meth:`measure`, :meth:`hawq_traces` and
-    :meth:`sensitivity_data`; ``primary`` is what every method maximizes on the search half.
+    A subclass sets the class attributes and gives :meth:`measure` and :meth:`hawq_traces`; ``primary`` is what
+    every method maximizes on the search half.
     """
 
     name: str  # in the plot's title
@@ -88,10 +88,6 @@ class Bench:
 
     def hawq_traces(self) -> dict[str, float]:
         """HAWQ's ``Tr(H_l) / n_l`` per searched layer (``hawq.py``)."""
-        raise NotImplementedError
-
-    def sensitivity_data(self) -> tuple[list, int]:
-        """``(x, y)`` batches of the search half and the output width, for qsweep's per-layer sensitivity."""
         raise NotImplementedError
 
     def key(self, layout: dict) -> str:
@@ -181,13 +177,12 @@ def mixed_knapsack(b: Bench, budgets: list[float]) -> tuple[list[dict], float]:
 
 
 def qsweep_study(b: Bench, trials: int, budgets: list[float]) -> list[dict]:
-    """qsweep's search: its sampler and warm start (uniform ladder, the knapsack layouts of its per-layer
-    sensitivity at the budgets: ``qsweep.search.warm``), maximizing the search-half primary metric and
-    minimizing size."""
+    """qsweep's search: its sampler and warm start (uniform ladder, then at each budget the knapsack layout of
+    ``quant.mixed``'s per-layer cost, ``search.warm_cost=fisher``: ``qsweep.search.warm``), maximizing the
+    search-half primary metric and minimizing size."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    loader, outputs = b.sensitivity_data()
-    doc = compute_sensitivity(b.fp, b.recipe, b.calib, loader, outputs, w_bits=4, a_bits=8, progress=False)
-    noise = layer_noise(doc["rows"], 4)
+    cfg = OmegaConf.create({"quant": OmegaConf.merge(b.recipe, {"mixed": {"fisher": b.fisher}})})
+    noise = fisher_noise(cfg, b.space, SimpleNamespace(model=b.fp, calib=b.calib))
     seeds = [b.space.uniform(w) for w in sorted(b.space.w_choices, reverse=True)]
     seeds += [layout for budget in budgets
               if (layout := knapsack_layout(b.space, b.models, noise, int(budget * 1e6))) is not None]

@@ -1,6 +1,7 @@
 """The layouts a new study runs first: uniform ones, then the best-by-sensitivity layouts under size budgets.
 
-Each layer's sensitivity (its output noise alone at a reference width, :func:`layer_noise`)
+Each layer's cost at each width (``search.warm_cost``: ``quant.mixed``'s Fisher-weighted rounding error,
+:func:`fisher_noise`, or its output noise alone at a reference width, :func:`layer_noise`)
 is summed over a layout; per budget, :func:`~qsweep.quant.knapsack.knapsack` picks one width per group with
 the least summed noise whose bytes fit. Its bytes are the planned per-layer bytes; the layout's exact artifact
 size is then measured, and where the zip's alignment made it overshoot, the budget handed to the knapsack
@@ -13,12 +14,13 @@ import json
 from collections.abc import Callable, Mapping
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from qsweep.analysis.sensitivity import sensitivity, sensitivity_key
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.quant.knapsack import knapsack
+from qsweep.quant.mixed import WidthPlanner
 from qsweep.search.space import FLOAT, SearchSpace
 from qsweep.search.trials import LayoutModels
 
@@ -96,11 +98,22 @@ def _sensitivity_layouts(cfg: DictConfig, space: SearchSpace, models: LayoutMode
         models.layout_bytes(space.uniform(w)) for w in widths[1:-1]]
     if budget_bytes is not None:
         budgets = sorted({min(b, budget_bytes) for b in budgets} | {budget_bytes})
-    noise = layer_noise(_sensitivity_rows(cfg, job), cfg.analysis.w_bits)
+    noise = (fisher_noise(cfg, space, job) if s.warm_cost == "fisher"
+             else layer_noise(_sensitivity_rows(cfg, job), cfg.analysis.w_bits))
     layouts = [layout for b in budgets if (layout := knapsack_layout(space, models, noise, b)) is not None]
-    print(f"warm start: {plural(len(layouts), 'layout')} of least summed per-layer sensitivity (exact knapsack) under "
+    print(f"warm start: {plural(len(layouts), 'layout')} of least summed per-layer cost ({s.warm_cost}, exact knapsack) under "
           f"{', '.join(f'{b / 1e6:.6f}' for b in budgets)} MB", flush=True)
     return layouts
+
+
+def fisher_noise(cfg: DictConfig, space: SearchSpace, job) -> Callable[[str, int], float]:
+    """``noise(layer, bits)``: ``quant.mixed``'s cost of the searched ``layer`` at ``bits`` (float: none), measured
+    once by :class:`~qsweep.quant.mixed.WidthPlanner` on the run's calibration data with the recipe's
+    ``quant.mixed`` output model, samples and draws."""
+    widths = [None if w == FLOAT else w for w in space.w_choices]
+    recipe = OmegaConf.merge(cfg.quant, {"mixed": {"enabled": True, "widths": widths, "layers": list(space.layers)}})
+    options = WidthPlanner(job.model, recipe, job.calib).options
+    return lambda name, bits: options[name][bits][1]
 
 
 def _sensitivity_rows(cfg: DictConfig, job) -> list:
