@@ -25,6 +25,8 @@ from qsweep.job import PROJECT_DIR, Prepared, check_environment, prepare_job, re
 from qsweep.lab_eval import lab_eval
 from qsweep.lineage import MODEL_METRICS, EvalData, eval_data, model_name
 from qsweep.models.cache import cache_dir as resolve_cache_dir
+from qsweep.onnx_export import export_onnx, onnx_filename
+from qsweep.onnx_runtime import OnnxEval, evaluate_onnx
 from qsweep.quant.calibrate import QuantizeTimings
 from qsweep.quant.pipeline import quantize
 from qsweep.quant.intkernel import to_int_backend
@@ -38,12 +40,18 @@ class ArtifactMismatch(RuntimeError):
     """The exported artifact does not reproduce the in-process accuracy."""
 
 
+class OnnxMismatch(RuntimeError):
+    """ONNX Runtime's predictions on the exported ONNX file differ from the int backend's beyond the tolerance."""
+
+
 @dataclass
 class RunContext:
     cfg: DictConfig
     output_dir: Path
     recorder: Recorder | NullRecorder
     data: EvalData | None = None  # the evaluated images, once the data is built
+    onnx: OnnxEval | None = None  # eval.backend=onnxruntime: ORT on the written ONNX file, against int
+    onnx_path: Path | None = None
 
 
 @dataclass
@@ -140,8 +148,11 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     exported = _export(ctx, job, qmodel)
     rows = layer_table(qmodel)
     metrics = _metrics(cfg, job, q, exported, rows, timings)
-    if backend == "int":
+    if backend in ("int", "onnxruntime"):
         metrics["int_fallback_layers"] = len(fallbacks)
+    if ctx.onnx is not None:
+        metrics.update(int_top1=ctx.onnx.int_result.top1, onnx_agreement=ctx.onnx.agreement,
+                       onnx_size_mb=ctx.onnx_path.stat().st_size / 1e6)
     metrics.update(_lab_grade(cfg, exported))
     result = _record(ctx, job, metrics, rows, exported)
     _print_summary(cfg, result, job.weights)
@@ -149,6 +160,10 @@ def _pipeline(ctx: RunContext) -> dict[str, Any]:
     if exported.check is not None and exported.check.top1 != q.top1:
         raise ArtifactMismatch(f"exported artifact {exported.path} scores top-1 {exported.check.top1:.4f} % but "
                                f"the in-process model scored {q.top1:.4f} %")
+    if ctx.onnx is not None and ctx.onnx.disagreements > ctx.onnx.allowed:
+        raise OnnxMismatch(f"ONNX Runtime on {ctx.onnx_path} predicts another top-1 class than the int backend on "
+                           f"{ctx.onnx.disagreements} of {ctx.onnx.images} images (allowed: {ctx.onnx.allowed}); "
+                           f"top-1 {q.top1:.2f} % against {ctx.onnx.int_result.top1:.2f} %")
     return result
 
 
@@ -163,21 +178,30 @@ def _record_mixed(ctx: RunContext, mixed: dict[str, Any]) -> None:
 
 def _evaluate_quantized(ctx: RunContext, job: Prepared, qmodel: torch.nn.Module,
                         timings: QuantizeTimings) -> tuple[str, EvalResult, dict[str, str]]:
-    """Top-1 of the quantized model on the configured backend: ``(backend, result, int fallbacks)``."""
+    """Top-1 of the quantized model on the configured backend: ``(backend, result, int fallbacks)``.
+
+    ``onnxruntime`` writes the ONNX file first (the export step of ``export.format=onnx``) and evaluates it,
+    and the int backend beside it (``ctx.onnx``: the agreement the run is checked by)."""
     cfg, rec = ctx.cfg, ctx.recorder
     backend = cfg.eval.backend
     if backend == "auto":
-        backend = cfg.export.kernels if cfg.export.enabled else "int"
+        artifact = "onnxruntime" if cfg.export.format == "onnx" else cfg.export.kernels
+        backend = artifact if cfg.export.enabled else "int"
     rec.set_tags({"eval_backend": backend, "export_kernels": cfg.export.kernels})
     for tag, skipped in (("post_ln_skipped", timings.post_ln_skipped), ("attn_skipped", timings.attn_skipped)):
         if skipped:
             rec.set_tags({tag: "; ".join(f"{k}: {v}" for k, v in skipped.items())})
     fallbacks: dict[str, str] = {}
     runner = qmodel
-    if backend == "int":
+    if backend in ("int", "onnxruntime"):  # onnxruntime: the reference ORT's predictions are checked against
         runner, fallbacks = to_int_backend(qmodel)
         if fallbacks:
             rec.set_tags({"int_fallbacks": "; ".join(f"{k}: {v}" for k, v in fallbacks.items())})
+    if backend == "onnxruntime":
+        example = next(iter(job.loader))[0]
+        ctx.onnx_path = export_onnx(qmodel, example, ctx.output_dir / onnx_filename(cfg.export.filename))
+        ctx.onnx = evaluate_onnx(ctx.onnx_path, runner, job.loader, job.bundle.num_classes, job.device, cfg.progress)
+        return backend, ctx.onnx.result, fallbacks
     q = evaluate(runner, job.loader, job.bundle.num_classes, job.device, cfg.progress,
                  desc=f"evaluate quantized ({backend})")
     return backend, q, fallbacks
@@ -188,6 +212,8 @@ def _export(ctx: RunContext, job: Prepared, qmodel: torch.nn.Module) -> Exported
     cfg = ctx.cfg
     if not cfg.export.enabled:
         return Exported(None, artifact_size_mb(qmodel, cfg.export.kernels), None)
+    if cfg.export.format == "onnx":  # written and evaluated already; the size is the packed artifact's
+        return Exported(ctx.onnx_path, artifact_size_mb(qmodel, cfg.export.kernels), ctx.onnx.result)
     example = next(iter(job.loader))[0]
     path = export_program(qmodel, example, ctx.output_dir / cfg.export.filename, cfg.export.kernels)
     loaded = load_program(path)
@@ -221,7 +247,8 @@ def _metrics(cfg: DictConfig, job: Prepared, q: EvalResult, exported: Exported, 
 
 def _lab_grade(cfg: DictConfig, exported: Exported) -> dict[str, float]:
     """The grader's own procedure on the artifact (batch 1, mini test set, its size), for the lab's setting."""
-    if exported.path is None or cfg.score.name != "lab4" or cfg.data.name != "cifar100":
+    lab = cfg.score.name == "lab4" and cfg.data.name == "cifar100"
+    if exported.path is None or cfg.export.format != "torch" or not lab:
         return {}
     graded = lab_eval(exported.path, cfg.data.root, per_class=cfg.data.per_class, image_size=cfg.data.image_size,
                       progress=cfg.progress)
@@ -284,6 +311,9 @@ def _print_summary(cfg: DictConfig, r: dict[str, Any], weights: str) -> None:
         (f"score ({cfg.score.name})", f"{r['score']:g}"),
         *([("lab grader", f"score {r['lab_score']:g}, top-1 {r['lab_top1']:.2f} %, {r['lab_size_mb']:.4f} MB, "
                           f"{r['lab_eval_s']:.1f} s")] if "lab_score" in r else []),
+        *([("onnxruntime", f"same top-1 as int on {r['onnx_agreement']:.2f} % of images (int top-1 "
+                            f"{r['int_top1']:.2f} %); file {r['onnx_size_mb']:.4f} MB")]
+          if "onnx_agreement" in r else []),
         ("artifact", str(r["artifact"])), ("result", str(Path(r["output_dir"]) / "result.json")),
     ]
     if r["mlflow_run_id"]:

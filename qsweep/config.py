@@ -37,8 +37,9 @@ MODEL_SOURCES = ("timm", "hf")
 DEVICES = ("cpu", "cuda", "auto")
 TEST_SETS = ("mini", "full")
 MODES = ("run", "analyze", "search")
-BACKENDS = ("auto", "fake", "int")
+BACKENDS = ("auto", "fake", "int", "onnxruntime")
 EXPORT_KERNELS = ("fake", "int")
+EXPORT_FORMATS = ("torch", "onnx")  # export.format: the torch.export .pt2 | a QDQ ONNX model (qsweep.onnx_export)
 WARM_COSTS = ("fisher", "sqnr")  # search.warm_cost: the per-layer cost of the knapsack warm start
 FISHER_MODELS = ("categorical", "gaussian")  # quant.mixed.fisher: the output model of the Fisher information
 ADAROUND_MODES = ("off", "layer", "block")
@@ -347,12 +348,17 @@ class ExportConfig:
     # int: the artifact runs torch._int_mm like eval.backend=int (same size, ~3x faster on CPU);
     # fake: dequantize + float ops, portable to any backend (the .pte is always this form)
     kernels: str = "int"
+    # torch: the torch.export program (.pt2) | onnx: a QDQ ONNX model (<filename stem>.onnx) evaluated by ONNX
+    # Runtime, its size still the .pt2 artifact's exact bytes (pip install -e '.[onnx]')
+    format: str = "torch"
 
 
 @dataclass
 class EvalConfig:
-    # auto: export.kernels when exporting (the artifact's own computation, checked), else int
-    backend: str = "auto"  # | fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
+    # auto: the artifact's own computation when exporting (export.kernels; onnxruntime for export.format=onnx),
+    # else int | fake: float simulation | int: int8 GEMMs (torch._int_mm), same predictions
+    # | onnxruntime: the exported ONNX file in an ONNX Runtime session (CPU), checked against int
+    backend: str = "auto"
 
 
 @dataclass
@@ -535,6 +541,37 @@ def gptq_replaced_by(gptq: GPTQConfig | DictConfig, adaround: AdaRoundConfig | D
     return None
 
 
+def validate_onnx(cfg: DictConfig) -> None:
+    """``export.format=onnx`` / ``eval.backend=onnxruntime``: the ONNX file is what is evaluated and reported, and
+    the recipe has a QDQ form (what only a layer override can still break is refused at export, naming it)."""
+    onnx = cfg.export.enabled and cfg.export.format == "onnx"
+    if cfg.eval.backend == "onnxruntime" and not onnx:
+        raise ConfigError("eval.backend='onnxruntime' evaluates the exported ONNX model: set export.format=onnx "
+                          f"(now export.format={cfg.export.format!r}, export.enabled={cfg.export.enabled})")
+    if cfg.eval.backend == "onnxruntime" and cfg.mode == "search":
+        raise ConfigError("eval.backend='onnxruntime' is not allowed with mode=search: trials are evaluated in "
+                          "process; set eval.backend=auto (a run of the best layout with export.format=onnx "
+                          "is evaluated by ONNX Runtime)")
+    if not onnx:
+        return
+    if cfg.eval.backend not in ("auto", "onnxruntime"):
+        raise ConfigError(f"eval.backend={cfg.eval.backend!r} with export.format='onnx': the ONNX file is what is "
+                          "evaluated and reported (by ONNX Runtime); set eval.backend=auto (or 'onnxruntime'), "
+                          "or export.format=torch")
+    q = cfg.quant
+    refused = [
+        (cfg.export.pte, "export.pte=true", "ExecuTorch's .pte is written from the torch.export program"),
+        (q.intops != "off", f"quant.intops={q.intops!r}", "its integer-only ops have no QDQ form; use off"),
+        (q.act.granularity == "per_token", "quant.act.granularity='per_token'",
+         "QuantizeLinear takes static scales; use per_tensor"),
+        (q.vit.attn_matmul and q.vit.softmax_quantizer == "log2", "quant.vit.softmax_quantizer='log2'",
+         "a power-of-two grid is not affine; use uniform"),
+    ]
+    for refuse, setting, reason in refused:
+        if refuse:
+            raise ConfigError(f"{setting} is not allowed with export.format='onnx': {reason}")
+
+
 def validate_adaround(a: AdaRoundConfig | DictConfig) -> None:
     _choice("adaround.mode", a.mode, ADAROUND_MODES)
     _in_range("adaround.iters", a.iters, 1, 10**7, "need at least 1 iteration")
@@ -685,7 +722,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("mode", out.mode, MODES)
     _choice("eval.backend", out.eval.backend, BACKENDS)
     _choice("export.kernels", out.export.kernels, EXPORT_KERNELS)
-    if out.export.enabled and out.eval.backend not in ("auto", out.export.kernels):
+    _choice("export.format", out.export.format, EXPORT_FORMATS)
+    validate_onnx(out)
+    if out.export.enabled and out.export.format == "torch" and out.eval.backend not in ("auto", out.export.kernels):
         # The reported accuracy must be the artifact's own computation (checked after export).
         raise ConfigError(f"eval.backend={out.eval.backend!r} with export.kernels={out.export.kernels!r}: the "
                           "artifact would not compute what is evaluated; set eval.backend=auto (or "

@@ -46,6 +46,13 @@ def check_environment(cfg: DictConfig, output_dir: Path) -> None:
         except ImportError:
             raise EnvironmentCheckError("export.pte=true needs ExecuTorch: pip install -e '.[executorch]' "
                                         "(or export.pte=false)") from None
+    if cfg.export.enabled and cfg.export.format == "onnx":
+        try:
+            import onnx  # noqa: F401 - only whether they import
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EnvironmentCheckError("export.format=onnx needs onnx and ONNX Runtime: pip install -e '.[onnx]' "
+                                        "(or export.format=torch)") from None
     ensure_writable(output_dir, "hydra.run.dir (the run's output folder)")
     ensure_writable(resolve_cache_dir(cfg.cache_dir), "cache_dir")
 

@@ -10,9 +10,12 @@ Prints:
    weights, per-tensor affine min-max activations), the same with ``quant.vit.attn_matmul``
    ("+attn": q, k, v and softmax quantized; the int path runs both attention matmuls on int8),
    the ``export.kernels=int`` artifacts of the "+attn" models loaded as the grader does
-   (``torch.export.load(p).module()``), and torchao's pt2e W8A8 reference / inductor-lowered
-   model (``--no-peers`` skips them), and the "int8 GEMM floor": the int W8A8 model's GEMMs alone,
-   ``torch._int_mm`` on codes of the same shapes, which no integer path can beat; best of
+   (``torch.export.load(p).module()``), torchao's pt2e W8A8 reference / inductor-lowered
+   model (``--no-peers`` skips them), ONNX Runtime (CPU, its default graph optimizations) on the FP32
+   model, on qsweep's QDQ export (``export.format=onnx``) of the W8A8 / W4A8 models and on ORT's own
+   ``quantize_static`` of the FP32 model (``--no-onnx`` skips them), and the "int8 GEMM floor": the
+   int W8A8 model's GEMMs alone, ``torch._int_mm`` on codes of the same shapes, which no integer path
+   can beat; best of
    ``--repeats``; the models are timed round-robin inside each repeat, so a load spike from other
    processes hits all of them alike, and ratios are to FP32 from the same repeat; the 1-minute load
    average is printed with each table;
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -222,6 +226,49 @@ def pt2e_peers(fp: torch.nn.Module, calib: list[torch.Tensor]) -> dict[str, torc
     return {"pt2e W8A8 ref": reference, "pt2e W8A8 x86": torch.compile(reference, dynamic=True)}
 
 
+def onnx_peers(fp: torch.nn.Module, qmodels: dict[str, torch.nn.Module], calib: list[torch.Tensor],
+               folder: Path) -> dict[str, torch.nn.Module]:
+    """ONNX Runtime sessions (CPU, default optimizations, torch's thread count): the FP32 model, qsweep's QDQ
+    export of each of ``qmodels``, and ORT's ``quantize_static`` W8A8 of the FP32 model as ORT documents it
+    (``quant_pre_process`` first; QDQ, per-channel int8 weights, per-tensor uint8 activations, min-max ranges
+    on the same calibration images).
+
+    Empty when ONNX Runtime is not installed (``pip install -e '.[onnx]'``).
+    """
+    try:
+        from onnxruntime import quantization as oq
+    except ImportError:
+        print("onnxruntime not installed: no ONNX Runtime rows (pip install -e '.[onnx]')")
+        return {}
+    from qsweep.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+    from qsweep.onnx_runtime import OrtModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fp_path, pre_path, static_path = folder / "fp32.onnx", folder / "fp32_pre.onnx", folder / "ort_static_W8A8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(fp, (calib[0],), str(fp_path), dynamo=False, opset_version=17,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+
+    class Reader(oq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: x.numpy()} for x in calib])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    oq.quant_pre_process(str(fp_path), str(pre_path))
+    oq.quantize_static(str(pre_path), str(static_path), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
+                       activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+                       calibrate_method=oq.CalibrationMethod.MinMax)
+    models = {"ORT FP32": OrtModel(fp_path)}
+    for tag, qmodel in qmodels.items():
+        models[f"ORT qsweep QDQ {tag}"] = OrtModel(export_onnx(qmodel, calib[0], folder / f"qsweep_{tag}.onnx"))
+    models["ORT quantize_static W8A8"] = OrtModel(static_path)
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=2, help="batches of 16 images per timed pass")
@@ -231,6 +278,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
     parser.add_argument("--no-peers", action="store_true", help="skip torchao's pt2e models (slow to compile)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sessions")
     parser.add_argument("--profile-only", action="store_true",
                         help="only the profile table (FP32, int W8A8, int W8A8+attn): quick per-step measurements")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -259,6 +307,8 @@ def main() -> None:
                 models[f"artifact {tag}"] = load_program(path)  # as the grader loads it
     if not (args.no_peers or args.profile_only):
         models.update(pt2e_peers(fp, calib))
+    if not (args.no_onnx or args.profile_only):
+        models.update(onnx_peers(fp, {t: models[f"fake-quant {t}"] for t in ("W8A8", "W4A8")}, calib, artifacts))
     if not args.profile_only:
         models["int8 GEMM floor"] = GemmFloor(models["int W8A8"], calib[0])
     int_layer = next(m for m in models["int W8A8"].modules() if hasattr(m, "act_kernel"))
