@@ -23,7 +23,7 @@ from qsweep.export import artifact_size_mb, export_program, export_pte, load_pro
 from qsweep.files import write_text
 from qsweep.job import PROJECT_DIR, Prepared, check_environment, prepare_job, record_failure, run_tags
 from qsweep.lab_eval import lab_eval
-from qsweep.lineage import MODEL_METRICS, EvalData, eval_data, model_name
+from qsweep.lineage import MODEL_METRICS, MODEL_TYPES, EvalData, eval_data, model_name
 from qsweep.models.cache import cache_dir as resolve_cache_dir
 from qsweep.onnx_export import export_onnx, onnx_filename
 from qsweep.onnx_runtime import OnnxEval, evaluate_onnx
@@ -284,7 +284,8 @@ def _log_model(ctx: RunContext, exported: Exported) -> str | None:
         return None
     files = [exported.path, *([exported.path.with_suffix(".pte")] if cfg.export.pte else [])]
     ctx.recorder.log_artifact(exported.path, "model")
-    return ctx.recorder.log_model(model_name(cfg.model.name, cfg.quant.name), files, run_params(cfg))
+    return ctx.recorder.log_model(model_name(cfg.model.name, cfg.quant.name), files, run_params(cfg),
+                                  MODEL_TYPES[cfg.export.format])
 
 
 def _analysis(ctx: RunContext, job: Prepared) -> dict[str, str]:

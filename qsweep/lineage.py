@@ -15,7 +15,7 @@ EVAL_CONTEXT = "eval"
 # What describes the quantized model itself: its logged model's metrics (on the evaluated images).
 MODEL_METRICS = ("top1", "top5", "fp_top1", "delta_top1", "size_mb", "fp32_size_mb", "compression",
                  "avg_weight_bits", "score", "artifact_top1", "lab_score", "lab_top1", "lab_size_mb")
-MODEL_TYPE = "torch.export"
+MODEL_TYPES = {"torch": "torch.export", "onnx": "onnx"}  # export.format -> the logged model's type
 
 
 @dataclass(frozen=True)

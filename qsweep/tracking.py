@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from qsweep import rdb, runs_view
 from qsweep.errors import QsweepError
 from qsweep.files import failure_reason
-from qsweep.lineage import MODEL_TYPE, EvalData
+from qsweep.lineage import EvalData
 from qsweep.locks import file_lock
 
 # MLflow's batch endpoint takes at most 100 params per call.
@@ -298,10 +298,10 @@ class Recorder:
         """The images the run is evaluated on, as its dataset input."""
         self.client.log_inputs(self.run_id, datasets=[data.input()])
 
-    def log_model(self, name: str, files: list[Path], params: Mapping[str, str]) -> str:
+    def log_model(self, name: str, files: list[Path], params: Mapping[str, str], model_type: str) -> str:
         """``files`` as a logged model of this run (READY once uploaded), with ``params``; returns its id."""
         model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
-                                                params=dict(params), model_type=MODEL_TYPE)
+                                                params=dict(params), model_type=model_type)
         try:
             self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
             for path in files:
@@ -366,7 +366,7 @@ class NullRecorder:
     def log_input(self, data: EvalData) -> None:
         pass
 
-    def log_model(self, name: str, files: list[Path], params: Mapping[str, str]) -> None:
+    def log_model(self, name: str, files: list[Path], params: Mapping[str, str], model_type: str) -> None:
         return None
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 onnx = pytest.importorskip("onnx", reason="export.format=onnx needs onnx: pip install -e '.[onnx]'")
@@ -233,10 +234,13 @@ def test_a_file_whose_tensors_live_elsewhere_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)
 def test_the_cli_exports_onnx_and_reports_onnx_runtimes_top1(tmp_path, monkeypatch, capsys, digits_vit):
     from test_hostile_inputs import cli
 
-    outcome = cli(tmp_path, monkeypatch, capsys, "export.format=onnx", "eval.backend=onnxruntime")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = cli(tmp_path, monkeypatch, capsys, "export.format=onnx", "eval.backend=onnxruntime",
+                  common=("progress=false", f"tracking.uri={store}"))
     assert outcome.code == 0, outcome.err[-3000:]
     result = json.loads((outcome.run_dir / "result.json").read_text())
     assert result["artifact"] == str(outcome.run_dir / "quantized.onnx")
@@ -246,3 +250,6 @@ def test_the_cli_exports_onnx_and_reports_onnx_runtimes_top1(tmp_path, monkeypat
     # the size is the bit-packed artifact's; the ONNX file carries the graph and INT4 / float tensors besides
     assert 0 < result["size_mb"] < result["onnx_size_mb"] == (outcome.run_dir / "quantized.onnx").stat().st_size / 1e6
     assert "onnxruntime       same top-1 as int on" in outcome.out
+    model = MlflowClient(store).get_logged_model(result["mlflow_model_id"])  # the Models column: the ONNX file
+    assert model.model_type == "onnx" and model.status == "READY"
+    assert [a.path for a in MlflowClient(store).list_logged_model_artifacts(model.model_id)] == ["quantized.onnx"]
