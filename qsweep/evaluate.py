@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from qsweep.files import atomic_write
@@ -36,6 +35,8 @@ class EvalResult:
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str | torch.device = "cpu",
              progress: bool = False, desc: str = "evaluate") -> EvalResult:
     """Micro-averaged top-1/top-5 accuracy (what people report as accuracy) over ``loader``."""
+    from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where a run evaluates
+
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
     images = 0

@@ -31,9 +31,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def mlflow_server(store: str, host: str, port: int, log=None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """An MLflow server over ``store`` on ``host:port``, answering for the ``with`` block: its base URL and process."""
+    """An MLflow server over ``store`` on ``host:port``, answering for the ``with`` block: its base URL and process.
+
+    Without MLflow's job runner: seven more Python processes that serve GenAI jobs, none of them a qsweep run's.
+    """
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-                             "--host", host, "--port", str(port), "--workers", "1"], stdout=log, stderr=log)
+                             "--host", host, "--port", str(port), "--workers", "1"], stdout=log, stderr=log, env=env)
     base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -45,21 +45,111 @@ def _uses_digits_vit(item) -> bool:
     return "digits_vit" in getattr(item, "fixturenames", ())
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under xdist, an order that keeps both cores busy (a plain ``pytest`` keeps the file order).
+# Seconds each of the longest tests takes on a worker (2 idle cores, `make test`), by module::function (all
+# of a function's parameter sets): ``pytest_collection_modifyitems`` starts them first. A test not named
+# here counts as SLOW_S if marked ``slow``, else 0 (these keep their file order). Rough is enough: an
+# outdated entry only moves a test in the queue.
+COST_S = {
+    "test_search_workers.py::test_a_killed_worker_trial_is_retried_journal": 27,
+    "test_search_workers.py::test_a_killed_worker_trial_is_retried_sqlite": 27,
+    "test_launchers.py::test_a_launcher_runs_the_grid_and_loses_no_job": 28,
+    "test_search_workers.py::test_two_processes_share_one_journal_study": 24,
+    "test_multirun_summary.py::test_a_multirun_prints_and_logs_one_table_and_names_the_key_without_effect": 20,
+    "test_ui.py::test_mlflow_server_on_loopback_serves_the_study": 20,
+    "test_hf_search.py::test_hf_deit_lab_search_grades_the_best_layout": 19,
+    "test_faults.py::test_a_write_failing_mid_artifact_is_exit_1_with_the_error_not_an_abort": 18,
+    "test_search_budget.py::test_a_budgeted_pareto_study_evaluates_only_layouts_that_fit_and_its_best_run_"
+    "reproduces_it": 16,
+    "test_readme_commands.py::test_the_clipping_example_runs_and_warns_once": 15,
+    "test_untrusted_artifacts.py::test_cli_refuses_with_exit_2_and_trust_flag_skips_the_check": 14,
+    "test_hf.py::test_hf_vit_run_end_to_end_with_post_ln": 13,
+    "test_readme_commands.py::test_the_default_command_runs_prints_its_result_and_registers_the_best_model": 12,
+    "test_faults.py::test_a_multirun_with_failed_jobs_exits_nonzero_and_fails_its_parent": 12,
+    "test_analysis.py::test_analyze_cnn_with_batchnorm": 12,
+    "test_hf_search.py::test_hf_deit_runs_the_lab_recipe_once_its_timm_rule_is_renamed": 12,
+    "test_faults.py::test_sigterm_marks_the_run_killed_and_leaves_no_result": 11,
+    "test_deit_artifact.py::test_deit_s_w4_artifact_size": 11,
+    "test_search.py::test_study_end_to_end_records_parent_and_trials_and_resumes": 11,
+    "test_swap_identity.py::test_cnn_w4a8_on_a_depthwise_separable_net": 10,
+    "test_servers.py::test_a_silent_postgresql_tracking_store_is_an_error_within_seconds": 10,
+    "test_servers.py::test_a_silent_postgresql_study_storage_is_an_error_within_seconds": 10,
+    "test_servers.py::test_a_silent_http_tracking_server_is_an_error_within_seconds": 10,
+    "test_runs_table.py::test_the_readme_glob_example_is_a_finished_run_that_compares": 9,
+    "test_app.py::test_analyze_mode_writes_and_logs_plots": 9,
+    "test_lab_eval.py::test_cli_table_json_and_errors": 9,
+    "test_search_interrupt.py::test_an_interrupted_search_retries_its_layout_and_its_runs_say_so": 9,
+    "test_swap_identity.py::test_w8a8_int_layers_compute_the_fake_quant_layers": 8,
+    "test_readme_commands.py::test_a_readme_command_runs_as_written": 8,
+    "test_analysis.py::test_analyze_digits_vit": 8,
+    "test_search_budget.py::test_a_layouts_size_is_its_exported_artifacts_bytes_exactly": 8,
+    "test_lab_run.py::test_lab_run_on_fabricated_cifar": 8,
+    "test_faults.py::test_a_failed_write_names_the_file_and_leaves_nothing_under_its_name": 7,
+    "test_ui.py::test_the_runs_table_link_names_the_experiment": 7,
+    "test_hf_attention.py::test_hf_attn_matmul_through_the_app": 7,
+    "test_intops.py::test_export_round_trip_and_int_backend": 7,
+    "test_search.py::test_a_search_composes_with_adaround_lsq_and_vit_options": 7,
+    "test_search.py::test_a_study_of_the_same_name_with_another_space_is_refused": 7,
+    "test_intkernel_attention.py::test_digits_vit_int_attention": 7,
+    "test_hf_attention.py::test_hf_attn_matmul_int_backend_and_artifacts": 6,
+    "test_hostile_inputs.py::test_a_legal_hugging_face_folder_runs_and_writes_only_its_run_folder": 6,
+    "test_faults.py::test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_run": 6,
+    "test_intexport.py::test_digits_vit_int_artifact_reproduces_the_int_backend": 6,
+}
+SLOW_S = 10
 
-    The serial group first (the first worker takes it as one unit while it trains the digits ViT, see
-    ``_digits_vit_early``), then the tests that do not need the ViT (the other worker runs them
-    meanwhile, instead of waiting for the training), each part with its CLI runs (``slow``) first,
-    so that no long test is left alone at the end. Stable: a module's tests keep their order.
+
+def _cost_s(item) -> float:
+    """COST_S's estimate for ``item`` (its module::function)."""
+    key = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+    return COST_S.get(key, SLOW_S if item.get_closest_marker("slow") else 0)
+
+
+def _groups(item) -> list[str]:
+    """The item's ``xdist_group`` names, sorted."""
+    return sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                   for m in item.iter_markers("xdist_group")})
+
+
+def _join_groups(items) -> None:
+    """Give each grouped test its ``@group`` nodeid suffix, the one thing ``--dist loadgroup`` reads.
+
+    pytest-xdist 3.8 adds it by writing ``item._nodeid``; pytest 9.2 keeps a structured ``item._id``
+    and no longer reads that attribute, so the suffix silently went missing and xdist spread each
+    group's tests over all workers (pytest-xdist#1386). Where xdist's suffix took, nothing is changed.
+    """
+    for item in items:
+        names = _groups(item)
+        if not names:
+            continue
+        suffix = "@" + "_".join(names)
+        if item.nodeid.endswith(suffix):
+            continue
+        if hasattr(item, "_id"):  # pytest >= 9.2
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(item.nodeid + suffix)
+        else:
+            item._nodeid = item.nodeid + suffix
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, which adds the group suffix where it can
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the serial group made one unit, and an order that keeps both cores busy (a plain
+    ``pytest`` keeps the file order).
+
+    xdist hands out the tests in this order (the serial group first, being its largest unit). One worker
+    trains the digits ViT before its first test (``_digits_vit_early``); the tests that do not need the
+    ViT come first, so the other worker runs them meanwhile instead of waiting for the training, and the
+    ViT's tests follow (in the serial group too: its tests without the ViT first). Within each part the
+    longest tests (``COST_S``) come first, so that no long test is left alone at the end, the short
+    ones filling in; the rest keep their file order.
     """
     if not _worker(config):
         return
+    _join_groups(items)
 
     def rank(item):
-        group = item.get_closest_marker("xdist_group")
-        serial = group is not None and "serial" in (*group.args, group.kwargs.get("name"))
-        return not serial, _uses_digits_vit(item), item.get_closest_marker("slow") is None
+        return "serial" not in _groups(item), _uses_digits_vit(item), -_cost_s(item)
 
     items.sort(key=rank)
 

@@ -107,7 +107,7 @@ def test_cli_table_json_and_errors(setup, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", "qsweep.lab_eval", str(artifact), "--data-root", str(data), "--image-size", "32"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )
     assert out.returncode == 0, out.stderr
     for word in ("model size", "MB", "accuracy", "80.00 %", "execution time", "lab score", "images", "500"):

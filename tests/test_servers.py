@@ -15,9 +15,21 @@ from pathlib import Path
 import pytest
 
 from qsweep.rdb import CONNECT_TIMEOUT_S, connect_args, is_server_url
-from qsweep.tracking import PROBE_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
+# The CLI runs here wait SHORT_WAIT_S for a silent server, not the product's 10 s (a database) and 5 s (HTTP):
+# ``python -m qsweep`` with qsweep.rdb.CONNECT_TIMEOUT_S and qsweep.tracking.PROBE_TIMEOUT_S set first. The
+# code reads both at each use, so the run applies, and states, the shorter wait; the defaults themselves
+# are checked by test_every_server_wait_is_bounded_unless_the_url_sets_its_own. libpq waits 2 s at least.
+SHORT_WAIT_S = 2
+SHORT_WAITS = f"""
+import runpy, sys
+import qsweep.rdb, qsweep.tracking
+qsweep.rdb.CONNECT_TIMEOUT_S = {SHORT_WAIT_S}
+qsweep.tracking.PROBE_TIMEOUT_S = {SHORT_WAIT_S}.0
+sys.argv[0] = "qsweep"
+runpy.run_module("qsweep", run_name="__main__", alter_sys=True)
+"""
 # A port bound and released here could be taken by another test that binds one meanwhile: one
 # worker runs every test that binds a port on 127.0.0.1, one after another (see conftest.py).
 pytestmark = pytest.mark.xdist_group("serial")
@@ -33,8 +45,9 @@ def silent_port():
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m qsweep``; its own timeouts end it long before this one (a hang fails the test)."""
-    return subprocess.run([sys.executable, "-m", "qsweep", f"hydra.run.dir={tmp_path}/run", "progress=false",
+    """``python -m qsweep`` waiting SHORT_WAIT_S for a server; its own timeouts end it long before this
+    one (a hang fails the test)."""
+    return subprocess.run([sys.executable, "-c", SHORT_WAITS, f"hydra.run.dir={tmp_path}/run", "progress=false",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -59,7 +72,7 @@ def test_every_server_wait_is_bounded_unless_the_url_sets_its_own():
 def test_a_silent_http_tracking_server_is_an_error_within_seconds(tmp_path, silent_port):
     proc = run_cli(tmp_path, f"tracking.uri=http://127.0.0.1:{silent_port}")
     assert_one_error_line(proc, f"tracking.uri='http://127.0.0.1:{silent_port}' cannot be reached",
-                          f"waited {PROBE_TIMEOUT_S:g} s")
+                          f"waited {SHORT_WAIT_S:g} s")
 
 
 def test_a_silent_postgresql_study_storage_is_an_error_within_seconds(tmp_path, silent_port):
@@ -67,7 +80,7 @@ def test_a_silent_postgresql_study_storage_is_an_error_within_seconds(tmp_path, 
     url = f"postgresql://qsweep:secret@127.0.0.1:{silent_port}/optuna"
     proc = run_cli(tmp_path, "+experiment=digits_mixed_search", f"search.storage={url}", "tracking.enabled=false")
     line = assert_one_error_line(proc, f"search.storage='postgresql://qsweep:***@127.0.0.1:{silent_port}/optuna' "
-                                       "cannot be reached", f"a server gets {CONNECT_TIMEOUT_S} s to answer")
+                                       "cannot be reached", f"a server gets {SHORT_WAIT_S} s to answer")
     assert "secret" not in proc.stderr + proc.stdout and "secret" not in line
 
 
@@ -75,5 +88,5 @@ def test_a_silent_postgresql_tracking_store_is_an_error_within_seconds(tmp_path,
     pytest.importorskip("psycopg", reason="psycopg, the postgresql:// driver, is not installed (.[distributed])")
     proc = run_cli(tmp_path, f"tracking.uri=postgresql://qsweep:secret@127.0.0.1:{silent_port}/mlflow")
     assert_one_error_line(proc, f"tracking.uri='postgresql://qsweep:***@127.0.0.1:{silent_port}/mlflow' "
-                                "cannot be reached", f"a server gets {CONNECT_TIMEOUT_S} s to answer")
+                                "cannot be reached", f"a server gets {SHORT_WAIT_S} s to answer")
     assert "secret" not in proc.stderr + proc.stdout

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,21 +13,16 @@ from hydra import compose, initialize_config_dir
 
 from qsweep.modes import execute
 from qsweep.tracking import Recorder, unparam_key
+from qsweep.ui import free_port, mlflow_server
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(base: str, endpoint: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/{endpoint}", method="POST" if body else "GET",
                                      data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:  # a hang guard: the server answers in ms
         return json.loads(response.read())
 
 
@@ -45,21 +38,7 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, capsys, digits_vit
             "search.n_trials=3", "search.warm_start=[8]", "search.top_k=0", "search.study_name=ui"])
     execute(cfg, tmp_path / "out")
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not come up") from None
-                time.sleep(0.5)
+    with mlflow_server(store, "127.0.0.1", free_port()) as (base, _):
         experiment = call(base, "experiments/get-by-name?experiment_name=qsweep")["experiment"]
         runs = call(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
@@ -78,9 +57,6 @@ def test_mlflow_server_on_loopback_serves_the_study(tmp_path, capsys, digits_vit
             assert set(params["layout.w_bits"].split(",")) <= {"2", "3", "4", "5", "6", "8"}
         best = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
         assert "best_score" in best and "best_size_mb" in best
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.usefixtures("mlflow_store")  # tmp_path/mlflow.db starts migrated (see conftest.py)

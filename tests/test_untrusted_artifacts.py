@@ -167,11 +167,11 @@ def test_cli_refuses_with_exit_2_and_trust_flag_skips_the_check(artifact, tmp_pa
     evil = _rewrite(artifact, tmp_path / "evil.pt2", _pickled_weight(marker)[0])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "qsweep.lab_eval", str(evil), "--data-root", str(tmp_path), "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert out.returncode == 2
     assert "data/weights/weight_evil" in out.stderr and "io.open" in out.stderr
     assert not marker.exists()
-    out = subprocess.run(cmd + ["--trust-artifact"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    out = subprocess.run(cmd + ["--trust-artifact"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert "refusing" not in out.stderr and marker.exists()
 
 

@@ -6,14 +6,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from qsweep.analysis.stats import KINDS, LayerStats, TensorStats
 from qsweep.files import atomic_write
+from qsweep.pyplot import pyplot
 
 DPI = 130
 MAX_FLIERS = 1500  # points drawn per box (the exact min and max are always among them)
@@ -28,7 +25,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"))
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -69,7 +66,7 @@ def plot_boxes(stats: dict[str, LayerStats], kind: str, path: str | Path, fliers
         raise ValueError(f"kind={kind!r}; choose one of {list(KINDS)}")
     names = list(stats)
     boxes = [_box(stats[n].get(kind), n, fliers, seed=i) for i, n in enumerate(names)]
-    fig, ax = plt.subplots(figsize=(_width(len(names)), 5.5))
+    fig, ax = pyplot().subplots(figsize=(_width(len(names)), 5.5))
     ax.bxp(boxes, showfliers=fliers, showmeans=False, patch_artist=True,
            boxprops={"facecolor": "#9ecae1", "linewidth": 0.8}, medianprops={"color": "#d62728"},
            whiskerprops={"linewidth": 0.8}, capprops={"linewidth": 0.8},
@@ -90,7 +87,7 @@ def plot_histograms(stats: dict[str, LayerStats], layers: Sequence[str], path: s
         raise KeyError(f"no statistics for layers {missing}; known: {list(stats)[:10]}...")
     if not layers:
         raise ValueError("no layers to plot")
-    fig, axes = plt.subplots(len(layers), len(kinds), figsize=(4.2 * len(kinds), 2.4 * len(layers)),
+    fig, axes = pyplot().subplots(len(layers), len(kinds), figsize=(4.2 * len(kinds), 2.4 * len(layers)),
                              squeeze=False)
     for r, name in enumerate(layers):
         for c, kind in enumerate(kinds):
@@ -122,7 +119,7 @@ def plot_sensitivity(rows: Sequence[dict], path: str | Path, fp_top1: float | No
     inf_mask = ~np.isfinite(sqnr)
     sqnr_drawn = np.where(inf_mask, cap, sqnr)
     x = np.arange(1, len(rows) + 1)
-    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(_width(len(rows)), 7))
+    fig, (ax1, ax2) = pyplot().subplots(2, 1, sharex=True, figsize=(_width(len(rows)), 7))
     ax1.bar(x, drops, color=np.where(drops > 0, "#d62728", "#2ca02c"))
     ax1.axhline(0, color="k", linewidth=0.6)
     ax1.set_ylabel("top-1 drop (pp)")

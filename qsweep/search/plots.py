@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-
-from qsweep.files import atomic_write  # noqa: E402
+from qsweep.files import atomic_write
+from qsweep.pyplot import pyplot
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -37,7 +33,7 @@ def plot_pareto(points: list[tuple[float, float]], labels: list[str], path: Path
                 ylabel: str = "top-1 (%)", maximize: bool = True) -> Path:
     """Quality (``ylabel``; higher is better unless not ``maximize``) against artifact size, the front drawn."""
     front = pareto_front(points if maximize else [(-q, size) for q, size in points])
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = pyplot().subplots(figsize=(7, 5))
     acc = [p[0] for p in points]
     size = [p[1] for p in points]
     ax.scatter(size, acc, s=18, c="0.6", label="trials")
@@ -59,7 +55,7 @@ def _save(fig, ax, path: Path) -> Path:
 def _write(fig, path: Path) -> Path:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -68,9 +64,11 @@ def plot_layout_heatmap(layers: list[str], layouts: list[dict[str, int]], labels
     """Layers (rows) x trials (columns, best first), each cell the layer's weight width."""
     widths = sorted({b for layout in layouts for b in layout.values()})
     grid = np.array([[widths.index(layout[name]) for layout in layouts] for name in layers], dtype=float)
-    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, len(widths))))
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    cmap = ListedColormap(pyplot().get_cmap("viridis")(np.linspace(0, 1, len(widths))))
     norm = BoundaryNorm(np.arange(len(widths) + 1) - 0.5, len(widths))
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(layouts) + 3), max(3, 0.22 * len(layers) + 1.5)))
+    fig, ax = pyplot().subplots(figsize=(max(5, 0.45 * len(layouts) + 3), max(3, 0.22 * len(layers) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
     ax.set_xticks(range(len(layouts)), labels, rotation=90, fontsize=7)
@@ -82,7 +80,7 @@ def plot_layout_heatmap(layers: list[str], layouts: list[dict[str, int]], labels
 
 def plot_history(numbers: list[int], values: list[float], pruned: list[bool], path: Path, ylabel: str,
                  maximize: bool = True) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     done = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
     cut = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
     if done:
