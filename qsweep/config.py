@@ -139,6 +139,13 @@ class RotateConfig:
     # in_features if smaller. On MiniLM 64 matches 128's quality (W4A8 cosine 0.9888 both) at half
     # the rotation's FLOPs: DeiT-S int W4A8 0.46x FP32 time at batch 16 against 0.57x.
     block_size: int = 64
+    # A timm ViT's residual stream and values rotated offline, folded into the weights (only fc2's input
+    # stays online: qsweep.quant.rotate_residual); other models, or false, rotate every input online.
+    residual: bool = False
+    # false: where residual folded the stream, nothing rotated at run time (fc2's input stays unrotated; on
+    # DeiT-S int W4A8 its rotation costs 14 % of the model's time: experiments/bench/INT.md); a model that
+    # cannot be folded keeps every rotation online.
+    online: bool = True
 
 
 @dataclass

@@ -18,6 +18,7 @@ from qsweep.quant.modules import QuantLinear, quant_module_for
 from qsweep.quant.plan import resolve_plan
 from qsweep.quant.quantizer import ActQuantizer, CalibrationError, warn_clipping
 from qsweep.quant.rotate import rotate_linears
+from qsweep.quant.rotate_residual import rotate_residual
 from qsweep.quant.smooth import smooth_linears
 from qsweep.quant.vit import quantize_attentions, rewrite_post_ln
 
@@ -33,6 +34,8 @@ class QuantizeTimings:
     # quant.vit.attn_matmul / quant.intops: attention layer -> why its matmuls or softmax were left alone
     attn_skipped: dict[str, str] = field(default_factory=dict)
     smooth: dict[str, Any] = field(default_factory=dict)  # quant.smooth: the alpha chosen per layer
+    # quant.rotate: {"offline": {Linear: block}, "online": {Linear: block}, "residual": why not offline or None}
+    rotation: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)  # quant.mixed: the widths chosen (qsweep.quant.mixed)
 
 
@@ -64,12 +67,17 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
 
     fold_weight_standardization(model)  # first: BN folded into a standardized weight would be re-standardized
     folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
+    offline, why_online = {}, None
+    if recipe.rotate.enabled and recipe.rotate.residual:  # before the rewrites that wrap its Linears
+        offline, why_online = rotate_residual(model, recipe, int(recipe.rotate.block_size))
     report.post_ln_skipped = rewrite_post_ln(model, recipe, run)
     report.attn_skipped = {**quantize_attentions(model, recipe, run), **apply_intops(model, recipe, run)}
     plans = resolve_plan(model, recipe)
     alphas = smooth_linears(model, plans, recipe, run, smoothing) if recipe.smooth.enabled else {}
     if recipe.rotate.enabled:
-        rotate_linears(model, plans, int(recipe.rotate.block_size))
+        rest = {n: p for n, p in plans.items() if n not in offline} if recipe.rotate.online or not offline else {}
+        online = rotate_linears(model, rest, int(recipe.rotate.block_size))
+        report.rotation = {"offline": offline, "online": online, "residual": why_online}
     for name, layer_plan in plans.items():
         layer = model.get_submodule(name)
         if float_weights is not None:

@@ -20,6 +20,7 @@ from qsweep.quant.lsq import apply_lsq
 from qsweep.quant.mixed import choose_widths, with_widths
 from qsweep.quant.quantizer import CalibrationError
 from qsweep.quant.reconstruct import merge_config
+from qsweep.quant.rotate_residual import rotate_residual
 
 
 def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inplace: bool = False,
@@ -48,11 +49,10 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     timings = timings if timings is not None else QuantizeTimings()
     recipe = _with_mixed_widths(model, recipe, batches, timings)
     fp_model = copy.deepcopy(model) if inplace and reconstruct else model
-    model = model if inplace else copy.deepcopy(model)
+    model = (model if inplace else copy.deepcopy(model)).eval()
     # The float weights after prepare()'s rewrites (BN folding, quant.vit.post_ln, ...): what the codes were rounded from.
     correct = bool(recipe.bias_correction.enabled)
     weights: dict[str, torch.Tensor] | None = {} if reconstruct or gptq or correct else None
-    model.eval()
     if replaced is not None:
         timings.reconstruct["gptq"] = {"skipped": replaced}
     start = time.perf_counter()
@@ -61,6 +61,7 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     start = time.perf_counter()
     calibrate(model, batches, progress=progress, seed=int(recipe.calib.seed))
     timings.calibrate_s = time.perf_counter() - start
+    fp_model = _rotated_like_layers(fp_model, recipe, timings) if reconstruct else fp_model
     if reconstruct or gptq:
         start = time.perf_counter()
         if gptq:
@@ -72,6 +73,16 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
         timings.reconstruct["bias_correction"] = correct_biases(model, batches, recipe.bias_correction, weights)
         timings.reconstruct_s += time.perf_counter() - start
     return model
+
+
+def _rotated_like_layers(fp_model: nn.Module, recipe, timings: QuantizeTimings) -> nn.Module:
+    """``fp_model``, or a copy with its residual stream rotated as ``quant.rotate.residual`` rotated the quantized
+    model's: the reference the layers learn against (their inputs and outputs are rotated)."""
+    if not timings.rotation.get("offline"):
+        return fp_model
+    fp_model = copy.deepcopy(fp_model)
+    rotate_residual(fp_model, recipe, int(recipe.rotate.block_size))
+    return fp_model
 
 
 def _with_mixed_widths(model: nn.Module, recipe, batches: list, timings: QuantizeTimings):
