@@ -38,8 +38,10 @@ def _not_foldable(model: nn.Module, recipe) -> str | None:
         return f"{type(model).__name__} is not a timm VisionTransformer"
     if recipe.vit.post_ln != "off" or recipe.intops != "off":
         return "quant.vit.post_ln and quant.intops rewrite the LayerNorms themselves"
-    identities = {"norm_pre": model.norm_pre, "patch_embed.norm": model.patch_embed.norm}
-    if not all(isinstance(m, nn.Identity) for m in identities.values()) or getattr(model, "attn_pool", None):
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        return f"its patch embedding {type(model.patch_embed).__name__} has no Conv2d projection"
+    before = (model.norm_pre, getattr(model.patch_embed, "norm", nn.Identity()))
+    if not all(isinstance(m, nn.Identity) for m in before) or getattr(model, "attn_pool", None):
         return "a norm before the blocks or attention pooling"
     norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
     if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
