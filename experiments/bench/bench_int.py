@@ -10,7 +10,8 @@ Prints:
    weights, per-tensor affine min-max activations), the same with ``quant.vit.attn_matmul``
    ("+attn": q, k, v and softmax quantized; the int path runs both attention matmuls on int8),
    the ``export.kernels=int`` artifacts of the "+attn" models loaded as the grader does
-   (``torch.export.load(p).module()``), torchao's pt2e W8A8 reference / inductor-lowered
+   (``torch.export.load(p).module()``), the shipped ``w4a8`` recipe (rotated, MSE ranges, GPTQ) on int
+   kernels and as its artifact, torchao's pt2e W8A8 reference / inductor-lowered
    model (``--no-peers`` skips them), ONNX Runtime (CPU, its default graph optimizations) on the FP32
    model, on qsweep's QDQ export (``export.format=onnx``) of the W8A8 / W4A8 models and on ORT's own
    ``quantize_static`` of the FP32 model (``--no-onnx`` skips them), and the "int8 GEMM floor": the
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import peak_rss, rss_mb
 
 import qsweep
+from qsweep.config import shipped_recipe
 from qsweep.export import export_program, load_program
 from qsweep.quant.intkernel import IntGemm, to_int_backend
 
@@ -305,6 +307,11 @@ def main() -> None:
             if attn and not args.profile_only:
                 path = export_program(qmodel, calib[0], artifacts / f"{tag}.pt2", kernels="int")
                 models[f"artifact {tag}"] = load_program(path)  # as the grader loads it
+    if not args.profile_only:  # as `python -m qsweep` quantizes: rotated (residual folded, fc2 online), MSE, GPTQ
+        shipped = qsweep.quantize(fp, shipped_recipe("w4a8"), calib)
+        models["int shipped W4A8"], fallbacks["shipped W4A8"] = to_int_backend(shipped)
+        path = export_program(shipped, calib[0], artifacts / "shipped_W4A8.pt2", kernels="int")
+        models["artifact shipped W4A8"] = load_program(path)
     if not (args.no_peers or args.profile_only):
         models.update(pt2e_peers(fp, calib))
     if not (args.no_onnx or args.profile_only):
