@@ -67,7 +67,7 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
 
     fold_weight_standardization(model)  # first: BN folded into a standardized weight would be re-standardized
     folded = fold_batchnorm(model, lambda: run(1)) if recipe.fold_bn else []
-    offline, why_online = {}, None
+    offline, why_online = {}, "quant.rotate.residual is false"
     if recipe.rotate.enabled and recipe.rotate.residual:  # before the rewrites that wrap its Linears
         offline, why_online = rotate_residual(model, recipe, int(recipe.rotate.block_size))
     report.post_ln_skipped = rewrite_post_ln(model, recipe, run)
