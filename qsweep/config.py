@@ -143,8 +143,8 @@ class RotateConfig:
     # stays online: qsweep.quant.rotate_residual); other models, or false, rotate every input online.
     residual: bool = False
     # false: where residual folded the stream, nothing rotated at run time (fc2's input stays unrotated; on
-    # DeiT-S int W4A8 its rotation costs 14 % of the model's time: experiments/bench/INT.md); a model that
-    # cannot be folded keeps every rotation online.
+    # DeiT-S int W4A8 its rotation adds 18-22 % to the folded model's time: experiments/bench/INT.md); a
+    # model that cannot be folded keeps every rotation online.
     online: bool = True
 
 
