@@ -166,6 +166,19 @@ class MixedConfig:
 
 
 @dataclass
+class EmbeddingQuantConfig:
+    """Weight-only quantization of ``nn.Embedding`` tables (token, position, ...), one symmetric scale per row.
+
+    Their input is token ids, so there is no activation to quantize and nothing for GPTQ to fit.
+    """
+
+    bits: Optional[int] = None  # null: every embedding stays float
+    observer: str = "mse"  # of each row's range (any weight observer)
+    scale_dtype: str = "float16"  # one scale per row: 30k rows of a BERT vocabulary are 60 KB in float16
+    skip: list[str] = field(default_factory=list)  # globs of embedding names left in float
+
+
+@dataclass
 class QuantConfig:
     name: str = "w4a8"
     weight: TensorQuantConfig = field(
@@ -186,6 +199,7 @@ class QuantConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     bias_correction: BiasCorrectionConfig = field(default_factory=BiasCorrectionConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
+    embeddings: EmbeddingQuantConfig = field(default_factory=EmbeddingQuantConfig)
 
 
 @dataclass
@@ -488,12 +502,19 @@ def validate_quant(q: QuantConfig | DictConfig) -> None:
     validate_gptq(q.gptq)
     validate_rotate(q.rotate)
     validate_mixed(q.mixed)
+    validate_embeddings(q.embeddings)
     _in_range("quant.bias_correction.num_samples", q.bias_correction.num_samples, 1, 10**6,
               "need at least 1 calibration sample")
     for key in ("layers", "match_float"):
         for pattern in q.bias_correction[key] or ():
             if str(pattern).startswith("@"):
                 _choice(f"quant.bias_correction.{key} entry", pattern, LAYER_KINDS)
+
+
+def validate_embeddings(e: EmbeddingQuantConfig | DictConfig) -> None:
+    _bits("quant.embeddings.bits", e.bits, WEIGHT_BITS, allow_float=True)
+    _choice("quant.embeddings.observer", e.observer, WEIGHT_OBSERVERS)
+    _choice("quant.embeddings.scale_dtype", e.scale_dtype, SCALE_DTYPES)
 
 
 def validate_mixed(m: MixedConfig | DictConfig) -> None:

@@ -24,6 +24,7 @@ from torch.export.pt2_archive import constants as pt2
 
 from qsweep.errors import QsweepError
 from qsweep.files import OutputError, atomic_write, ensure_space
+from qsweep.quant.embedding import quant_embeddings
 from qsweep.quant.modules import quant_layers
 from qsweep.quant.intexport import int_artifact_layers
 from qsweep.quant.packed import PackedWeight
@@ -68,6 +69,9 @@ def artifact_form(qmodel: nn.Module, kernels: str = "fake") -> nn.Module:
             layer.weight = WeightInfo(weight.dtype, tuple(weight.shape), weight.device)
         else:
             layer.register_buffer("weight", weight)  # float weight: persistent, counted
+    for table in quant_embeddings(model).values():
+        del table._buffers["weight"]
+        table.packed, table.qweight = PackedWeight(table.qweight), None
     return model
 
 

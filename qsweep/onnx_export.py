@@ -34,6 +34,7 @@ from qsweep.errors import QsweepError
 from qsweep.files import atomic_write, ensure_space
 from qsweep.quant.grid import Grid
 from qsweep.quant.intkernel import IntAttention, IntGemm
+from qsweep.quant.embedding import QuantEmbedding
 from qsweep.quant.intops import IntBlock, IntGELU, IntLayerNorm, IntSoftmax
 from qsweep.quant.modules import QuantConv2d, QuantLayer, QuantLinear
 from qsweep.quant.quantizer import ActQuantizer
@@ -214,6 +215,22 @@ class OnnxLayer(nn.Module):
         return y if self.layer.bias is None else y + self.layer.bias
 
 
+class OnnxEmbedding(nn.Module):
+    """A quantized embedding table as traced for ONNX: its codes dequantized per row (axis 0), then Gather."""
+
+    def __init__(self, table: QuantEmbedding, name: str):
+        super().__init__()
+        self.table, self.key = table, name
+        q = table.qweight
+        self.weight_spec = WeightSpec(q.codes.reshape(q.shape).numpy(), q.scale.reshape(-1).numpy(),
+                                      q.zero_point.reshape(-1).numpy(), q.grid, axis=0)
+        self.register_buffer("w", table.weight.detach())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        return nn.functional.embedding(ids, _mark(self.w, f"{self.key}.weight"), t.padding_idx, None, t.norm_type)
+
+
 class OnnxAct(nn.Module):
     """An activation quantizer outside a quantized layer (attention's q, k, v, softmax) as traced for ONNX."""
 
@@ -231,7 +248,7 @@ def _unsupported(module: nn.Module) -> str | None:
                 "use quant.intops=off")
     if isinstance(module, (IntGemm, IntAttention)):
         return "it is an integer-backend module; export the fake-quant model qsweep.quantize returns"
-    if isinstance(module, QuantLayer) and module.packed is not None:
+    if isinstance(module, (QuantLayer, QuantEmbedding)) and module.packed is not None:
         return "it is the torch.export artifact form; export the model qsweep.quantize returns"
     return None
 
@@ -248,6 +265,8 @@ def onnx_form(qmodel: nn.Module) -> tuple[nn.Module, dict[str, ActSpec | WeightS
             continue  # inside a layer already swapped: its input quantizer is the layer's
         if isinstance(module, QuantLayer):
             swaps[name] = OnnxLayer(module, name or "model")
+        elif isinstance(module, QuantEmbedding):
+            swaps[name] = OnnxEmbedding(module, name)
         elif isinstance(module, ActQuantizer):
             swaps[name] = OnnxAct(module, name)
     specs: dict[str, ActSpec | WeightSpec] = {}
@@ -257,9 +276,9 @@ def onnx_form(qmodel: nn.Module) -> tuple[nn.Module, dict[str, ActSpec | WeightS
         else:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, new)
-        if isinstance(new, OnnxAct) or new.act_spec is not None:
+        if isinstance(new, OnnxAct) or getattr(new, "act_spec", None) is not None:
             specs[f"{new.key}.act"] = new.spec if isinstance(new, OnnxAct) else new.act_spec
-        if isinstance(new, OnnxLayer) and new.weight_spec is not None:
+        if isinstance(new, (OnnxLayer, OnnxEmbedding)) and new.weight_spec is not None:
             specs[f"{new.key}.weight"] = new.weight_spec
     return model, specs
 

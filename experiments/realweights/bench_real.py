@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -40,6 +41,7 @@ import peers  # noqa: E402
 
 import qsweep  # noqa: E402
 from qsweep.config import OBSERVERS, ConfigError, QuantConfig, quant_recipe, shipped_recipe  # noqa: E402
+from qsweep.export import artifact_size_mb  # noqa: E402
 
 CALIB_SENTENCES = 128
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -83,6 +85,11 @@ ADAROUND = {"mode": "layer"}
 ROTATE = {"enabled": True}  # the default block size
 
 
+def with_embeddings(name: str, bits: int) -> dict:
+    """The shipped recipe ``name`` with its embedding tables quantized too (``quant.embeddings``)."""
+    return {**OmegaConf.to_container(shipped_recipe(name), resolve=True), "embeddings": {"bits": bits}}
+
+
 def weight_observers() -> list[str]:
     """The observers qsweep accepts for weights (some, such as ``auto``, only rate activations)."""
     accepted = []
@@ -100,6 +107,7 @@ def rows() -> list[Row]:
     new observer gets its rows without an edit here; minmax is the "minmax W8A8/W4A8" row."""
     out = [Row(f"naive {width_label(w, 8)}", kind="naive", w_bits=w, a_bits=8) for w in (8, 4)]
     out += [Row(f"conf/quant {name}", name) for name in SHIPPED]
+    out += [Row(f"conf/quant {name} + quant.embeddings.bits=8", with_embeddings(name, 8)) for name in ("w8a8", "w4a8")]
     out += [Row(f"minmax {width_label(w, a, g)}", recipe(w, a, g)) for w, a, g in WIDTHS]
     out += [Row(f"per-token {width_label(w, a, g)}", recipe(w, a, g, per_token=True)) for w, a, g in WIDTHS]
     out += [Row(f"act={obs} W8A8", recipe(8, 8, a_obs=obs)) for obs in OBSERVERS if obs != "minmax"]
@@ -159,14 +167,15 @@ class Setup:
     ref: minilm.Reference
 
 
-def build(row: Row, s: Setup) -> minilm.Runner:
-    """Quantizes the FP32 model as ``row`` says and returns its runner."""
+def build(row: Row, s: Setup) -> tuple[minilm.Runner, float | None]:
+    """Quantizes the FP32 model as ``row`` says; returns its runner and, for qsweep rows, the exact size in MB
+    of the artifact ``python -m qsweep`` exports (``export.kernels=int``)."""
     if row.kind == "naive":
-        return minilm.module_runner(naive.quantize(s.fp, s.calib, row.w_bits, row.a_bits), s.names)
+        return minilm.module_runner(naive.quantize(s.fp, s.calib, row.w_bits, row.a_bits), s.names), None
     if row.kind == "pt2e":
-        return peers.runner(peers.quantize(s.fp, s.calib, row.w_bits))
+        return peers.runner(peers.quantize(s.fp, s.calib, row.w_bits)), None
     qmodel = qsweep.quantize(s.fp, load_recipe(row), s.calib, adaround=row.adaround, lsq=row.lsq)
-    return minilm.module_runner(qmodel, s.names)
+    return minilm.module_runner(qmodel, s.names), artifact_size_mb(qmodel, "int")
 
 
 class _ListHandler(logging.Handler):
@@ -207,14 +216,15 @@ def run_row(row: Row, s: Setup) -> dict:
            "kind": row.kind, "w_bits": w_bits, "a_bits": a_bits, "cosine": None, "nn_agreement": None,
            "sqnr_mean_db": None, "sqnr_min_db": None, "sqnr_min_layer": None, "seconds": None,
            "eval_seconds": None, "error": unavailable(row), "warnings": [], "adaround": row.adaround,
-           "lsq": row.lsq, "sqnr_db": None}
+           "lsq": row.lsq, "sqnr_db": None, "size_mb": None}
     if rec["error"]:
         return rec
     try:
         start = time.perf_counter()
         with collected_warnings() as rec["warnings"]:
-            runner = build(row, s)
+            runner, size_mb = build(row, s)
         rec["seconds"] = round(time.perf_counter() - start, 2)
+        rec["size_mb"] = None if size_mb is None else round(size_mb, 3)
         start = time.perf_counter()
         comp = minilm.compare(runner, s.eval, s.ref)
         rec["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -235,10 +245,11 @@ def short_layer(name: str | None) -> str:
 
 def table(results: list[dict]) -> str:
     """The results as a markdown table ("warnings": distinct warnings while quantizing, in results.json)."""
-    lines = ["| row | W | A | cosine | NN agree | SQNR mean dB | SQNR worst dB (layer) | quantize s | warnings |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | W | A | size MB | cosine | NN agree | SQNR mean dB | SQNR worst dB (layer) | quantize s | warnings |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        bits = f"| {r['label']} | {r['w_bits'] or '-'} | {r['a_bits'] or 'f'} |"
+        size = f"{r['size_mb']:.3f}" if r.get("size_mb") is not None else "-"
+        bits = f"| {r['label']} | {r['w_bits'] or '-'} | {r['a_bits'] or 'f'} | {size} |"
         if r["error"]:
             lines.append(f"{bits} n/a: {r['error'][:140]} | | | | | |")
             continue

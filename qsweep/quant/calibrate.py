@@ -14,6 +14,7 @@ from qsweep.quant.fold import fold_batchnorm, fold_weight_standardization
 from qsweep.quant.intops import apply_intops
 from qsweep.config import quant_recipe
 from qsweep.quant.batches import call_model, device_of, to_device
+from qsweep.quant.embedding import quantize_embeddings
 from qsweep.quant.modules import QuantLinear, quant_module_for
 from qsweep.quant.plan import resolve_plan
 from qsweep.quant.quantizer import ActQuantizer, CalibrationError, warn_clipping
@@ -37,13 +38,14 @@ class QuantizeTimings:
     # quant.rotate: {"offline": {Linear: block}, "online": {Linear: block}, "residual": why not offline or None}
     rotation: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)  # quant.mixed: the widths chosen (qsweep.quant.mixed)
+    embeddings: dict[str, int] = field(default_factory=dict)  # quant.embeddings: the tables quantized, their bits
 
 
 def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
             smoothing: Mapping[str, torch.Tensor | None] | None = None,
             report: QuantizeTimings | None = None, float_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Fold BN, apply ``quant.vit`` / ``quant.intops`` / ``quant.smooth`` / ``quant.rotate`` and swap in the
-    quantized modules.
+    quantized modules (and, with ``quant.embeddings``, the quantized embedding tables).
 
     ``batches`` (the calibration batches) drive BN folding (the first one), the ``quant.vit.post_ln``
     statistics and the ``quant.smooth`` search (all), float rewrites done before the weights are
@@ -83,6 +85,7 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
         if float_weights is not None:
             float_weights[name] = layer.weight
         model.set_submodule(name, quant_module_for(layer, layer_plan))
+    report.embeddings = quantize_embeddings(model, recipe.embeddings)
     report.folded_bn, report.smooth = folded, alphas
 
 

@@ -35,7 +35,7 @@ def quantize(model: nn.Module, recipe: Any, calib_batches: Iterable[Any], *, inp
     against ``model`` (the FP reference) after calibration and take precedence over the recipe's GPTQ.
     ``recipe.mixed.enabled``: the widths are chosen first (:mod:`qsweep.quant.mixed`). ``smoothing``: with
     ``recipe.smooth.enabled``, per-layer input scales to reuse instead of searching them (``input_divisors`` of
-    an earlier result). Returns the model in eval mode with quantized modules (``QuantLayer``).
+    an earlier result). Returns the model in eval mode with quantized modules (``QuantLayer``, ``QuantEmbedding``).
     """
     recipe = quant_recipe(recipe)
     ada_cfg = merge_config(AdaRoundConfig, adaround or {}, "adaround", validate_adaround)
