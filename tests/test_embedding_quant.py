@@ -143,6 +143,12 @@ def test_tables_qsweep_cannot_reproduce_stay_float_with_a_warning(caplog):
     assert "positions" in caplog.text and "max_norm" in caplog.text
 
 
+def test_a_model_without_tables_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="qsweep"):
+        q = qsweep.quantize(nn.Sequential(nn.Linear(4, 2)), {"embeddings": {"bits": 8}}, [torch.randn(2, 4)])
+    assert not quant_embeddings(q) and "quant.embeddings.bits=8: the model has no nn.Embedding" in caplog.text
+
+
 def test_skip_leaves_named_tables_float_and_a_pattern_matching_none_is_an_error():
     q = quantized(8, skip=["positions"])
     assert list(quant_embeddings(q)) == ["tokens"]

@@ -64,6 +64,8 @@ def quantize_embeddings(model: nn.Module, cfg: Any) -> dict[str, int]:
     if cfg.bits is None:
         return {}
     tables = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    if not tables:
+        log.warning("quant.embeddings.bits=%s: the model has no nn.Embedding, nothing to quantize", cfg.bits)
     for pattern in cfg.skip or ():
         if not any(matches(n, pattern) for n in tables):
             raise ConfigError(f"quant.embeddings.skip pattern {pattern!r} matches no nn.Embedding; "
