@@ -47,7 +47,7 @@ LSQ_MODES = ("off", "act", "weight", "both")
 SOFTMAX_QUANTIZERS = ("uniform", "log2")
 POST_LN_MODES = ("off", "reparam", "smooth")
 INTOPS = ("off", "ivit")
-SAMPLERS = ("tpe", "random", "nsga2")
+SAMPLERS = ("tpe", "random", "nsga2", "local")  # local: neighbours of the best layouts (qsweep.search.local_sampler)
 # score: the configured score; pareto: search.quality up and size down; agreement / kl / cosine: fidelity to FP32
 OBJECTIVES = ("score", "pareto", "agreement", "kl", "cosine")
 QUALITIES = ("top1", "agreement", "kl", "cosine")  # qsweep.search.fidelity.QUALITIES: a layout's quality measures
@@ -243,7 +243,9 @@ class SearchConfig:
     storage: Optional[str] = None  # null: sqlite:///<project>/optuna.db | journal:PATH | postgresql://...
     n_trials: int = 40  # finished trials the study should hold, over all workers
     timeout_s: Optional[float] = None  # this worker stops starting trials after this many seconds
-    sampler: str = "tpe"  # tpe | random | nsga2
+    # tpe | random | nsga2 | local: each trial a neighbour of a front member (of the best trials, one objective), by
+    # exchanges of one width up and another down that the warm start's cost calls nearly neutral, within the budget
+    sampler: str = "tpe"
     seed: Optional[int] = 0  # sampler seed; null: nondeterministic (use for several workers)
     # score (the configured score) | pareto (search.quality up, size down) | fidelity to the FP32 model's outputs on
     # the trial images, no labels needed: agreement (top-1 agreement, %, up) | kl (mean KL(FP32 || quantized), down)

@@ -21,7 +21,8 @@ from qsweep.export import export_artifact, state_dict_size_mb
 from qsweep.files import write_text
 from qsweep.modes import execute
 from qsweep.quant.smooth import input_divisors
-from qsweep.search.warm import layer_noise
+from qsweep.search.local_sampler import PARENT
+from qsweep.search.warm import COST_ATTR, layer_noise
 from qsweep.search.plots import pareto_front
 from qsweep.search.space import FLOAT, SearchSpace, block_of, type_of
 from qsweep.search.storage import StorageError
@@ -191,6 +192,24 @@ def test_study_end_to_end_records_parent_and_trials_and_resumes(tmp_path, digits
     assert best["top1"] == result["best_top1"]
     # without export a run sizes the artifact form without exporting it, to the byte (export.artifact_bytes)
     assert best["size_mb"] == result["best_size_mb"]
+
+
+def test_a_local_study_proposes_fresh_neighbours_of_its_best_layouts(tmp_path, digits_vit):
+    execute(compose_search(tmp_path, "search.sampler=local", "search.n_trials=7", "search.top_k=0",
+                           "search.w_bits=[2,4,8]", "search.max_size_mb=0.12", "tracking.enabled=false"),
+            tmp_path / "out")
+    study = study_of(tmp_path)
+    assert set(study.user_attrs[COST_ATTR]["w:head"]) == {"2", "4", "8"}  # the warm start's cost, for the sampler
+    proposed = [t for t in study.trials if PARENT in t.system_attrs]
+    assert proposed and all(t.user_attrs.get("seed") != "warm start" for t in proposed)
+    for t in proposed:
+        parent = study.trials[t.system_attrs[PARENT]]
+        assert parent.state == TrialState.COMPLETE and t.user_attrs["size_bytes"] <= 120_000
+        moved = sorted(([2, 4, 8].index(t.params[p]) - [2, 4, 8].index(w)) for p, w in parent.params.items()
+                       if t.params[p] != w)
+        assert moved in ([-1, 1], [-1], [1])
+    keys = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(keys)) == len(keys)
 
 
 def test_the_best_overlay_states_what_differs_and_reproduces_the_run(tmp_path):

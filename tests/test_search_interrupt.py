@@ -66,7 +66,8 @@ def test_an_interrupted_trial_is_retried_first_however_often_and_whatever_stoppe
             raise (KeyboardInterrupt if len(ran) == 1 else Stopped)()
         return ran[-1]
 
-    worker = SimpleNamespace(cfg=OmegaConf.create({"search": {"n_trials": 2, "timeout_s": None, "heartbeat_s": 10}}),
+    search = {"n_trials": 2, "timeout_s": None, "heartbeat_s": 10, "sampler": "tpe"}
+    worker = SimpleNamespace(cfg=OmegaConf.create({"search": search}),
                              objective=objective, parent=NullRecorder(), after_trial=lambda study: None)
     for stop in (KeyboardInterrupt, Stopped):
         with pytest.raises(stop):

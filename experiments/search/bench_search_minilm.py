@@ -23,6 +23,10 @@ the artifact will be. The methods of ``bench_search_real.py``, each given ``--tr
 * **qsweep study**: its TPE sampler and warm start (the ladder, then knapsack layouts of each layer's
   embedding SQNR quantized alone), cosine up and size down, driven in-process.
 
+``--embeddings-bits B`` runs every method on the recipe with its embedding tables quantized (``quant.embeddings``:
+the 47 MB of float word embeddings are most of the artifact) and adds the shipped recipe's uniform ladder with float
+tables (method ``shipped``), whose sizes are then the table's budgets.
+
 Writes ``results.json`` (every evaluated layout with its method, size, search- and test-half numbers) and
 ``pareto.png`` (test cosine vs MB, each method's front) under ``--out``, and prints a table (written between
 ``<!-- minilm:start -->`` and ``<!-- minilm:end -->`` with ``--readme``): per size budget (the uniform W6, W5,
@@ -49,6 +53,7 @@ import minilm  # noqa: E402
 import searchbench  # noqa: E402
 
 from qsweep.search.fidelity import QUALITIES  # noqa: E402
+from qsweep.search.trials import LayoutModels  # noqa: E402
 
 HAWQ_SENTENCES = 16  # as many inputs as the Lite0 bench's Hessian traces take
 
@@ -78,7 +83,7 @@ class Bench(searchbench.Bench):
     budget_widths = (6, 5, 4, 3)
     markers = ("<!-- minilm:start -->", "<!-- minilm:end -->")
 
-    def __init__(self, widths: list[int], threads: int, sentences: int):
+    def __init__(self, widths: list[int], threads: int, sentences: int, embeddings_bits: int | None = None):
         torch.set_num_threads(threads)
         encoder, tokenizer = minilm.load()
         sents = corpus.sentences()
@@ -89,10 +94,30 @@ class Bench(searchbench.Bench):
         info = {"corpus_sentences": len(sents), "corpus_sha256_16": corpus.corpus_hash(sents),
                 "calib_sentences": real.CALIB_SENTENCES, "search_sentences": len(ev[::2]),
                 "test_sentences": len(ev[1::2]), "max_length": minilm.MAX_LENGTH}
-        super().__init__(fp, minilm.tokenize(tokenizer, sents[:real.CALIB_SENTENCES]), widths, info)
+        self.embeddings_bits = info["embeddings_bits"] = embeddings_bits
+        super().__init__(fp, minilm.tokenize(tokenizer, sents[:real.CALIB_SENTENCES]), widths, info,
+                         {"embeddings": {"bits": embeddings_bits}})
 
     def measure(self, layout: dict, half: str) -> dict:
         return fidelity(embed(self.models.apply(layout), self.batches[half]), self.ref[half])
+
+    def reference_ladder(self, widths: list[int]) -> list[dict]:
+        """With ``--embeddings-bits``: the shipped recipe's uniform layouts, float embedding tables (method
+        ``shipped``); their sizes are the table's budgets, as issue 21 states them."""
+        if self.embeddings_bits is None:
+            return []
+        shipped = LayoutModels(self.fp, searchbench.shipped_recipe("w4a8"), self.calib, self.space)
+        rows = []
+        for w in sorted(widths, reverse=True):
+            layout = self.space.uniform(w)
+            model = shipped.apply(layout)
+            rows.append({"method": "shipped", "note": f"W{w}", "size_mb": round(shipped.estimate_mb(layout), 4),
+                         "avg_w_bits": float(w), "layout": {g: c["w"] for g, c in layout.items()},
+                         **{f"{h}_{k}": v for h in ("search", "test")
+                            for k, v in fidelity(embed(model, self.batches[h]), self.ref[h]).items()}})
+            print(f"shipped  W{w} (float tables)        {rows[-1]['size_mb']:.3f} MB  search cosine "
+                  f"{rows[-1]['search_cosine']:.4f}", flush=True)
+        return rows
 
     def hawq_traces(self) -> dict[str, float]:
         first = {k: v[:HAWQ_SENTENCES] for k, v in self.calib[0].items()}
@@ -102,12 +127,15 @@ class Bench(searchbench.Bench):
 def main() -> None:
     parser = searchbench.parser(__doc__, HERE / "minilm", budget_fraction=None)
     parser.add_argument("--sentences", type=int, default=512, help="evaluation sentences (both halves)")
+    parser.add_argument("--embeddings-bits", type=int, default=None,
+                        help="every layout with its embedding tables at this width (quant.embeddings.bits); the "
+                             "budgets are then the shipped recipe's uniform sizes, float tables")
     args = parser.parse_args()
     searchbench.check_arguments(parser, args, Bench.markers)
     if args.sentences < 4:
         parser.error(f"--sentences {args.sentences}: each half needs at least 2 sentences for nearest neighbours")
     start = time.perf_counter()
-    searchbench.run(Bench(args.widths, args.threads, args.sentences), args, start)
+    searchbench.run(Bench(args.widths, args.threads, args.sentences, args.embeddings_bits), args, start)
 
 
 if __name__ == "__main__":

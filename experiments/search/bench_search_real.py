@@ -1,6 +1,6 @@
 """Mixed precision on real weights: does a search find what a uniform recipe or a sensitivity knapsack does not?
 
-    .venv/bin/python experiments/search/bench_search_real.py [--trials N] [--widths 3 4 5 6 8]
+    .venv/bin/python experiments/search/bench_search_real.py [--trials N] [--widths 2 3 4 5 6 8]
         [--budget-fraction 0.6] [--out DIR] [--readme PATH] [--threads T]
 
 EfficientNet-Lite0 (ImageNet weights) on the real-photo benchmark of ``experiments/realvision``, FP32's
@@ -10,20 +10,22 @@ layout is assembled by :class:`qsweep.search.trials.LayoutModels` from the shipp
 ranges, GPTQ, bias correction) quantized once per width, and sized as its artifact will be. Methods,
 each given the same number of evaluated layouts (``--trials``; the ladder has one per width):
 
-* **uniform**: every layer at one width (the ladder W8, W6, W5, W4, W3);
+* **uniform**: every layer at one width (the ladder W8, W6, W5, W4, W3, W2);
 * **random**: layouts drawn uniformly, one width per layer;
 * **HAWQ knapsack** (``hawq.py``): Hessian-trace x perturbation sensitivity per layer and width, the
   exact multiple-choice knapsack at ``--trials`` budgets spread between the W3 and W8 sizes;
 * **mixed** (``quant.mixed``, what ``quant=cnn_w4a8`` runs): per layer and width the rounding error weighted
   by the diagonal Fisher information (labels drawn from the model's own softmax on the calibration views),
   the exact knapsack at the same budgets as HAWQ;
-* **qsweep study**: qsweep's own search (its space, TPE sampler and warm start: the uniform ladder and
-  sensitivity-guided greedy layouts), multi-objective (agreement up, size down), driven in-process.
+* **qsweep study**: qsweep's own search (its space, ``search.sampler=local`` and warm start: the uniform ladder,
+  then the knapsack layouts of ``quant.mixed``'s cost at every table budget and every inner ladder width's size),
+  multi-objective (agreement up, size down), driven in-process; **qsweep-tpe**: the same with TPE.
 
 Prints and writes ``results.json`` (every evaluated layout with its method, size, search- and test-half
 agreement and KL), ``pareto.png`` (test agreement vs MB, each method's front) and a table: per size
-budget (the uniform W4 and W5 artifacts' and ``--budget-fraction`` of the W8 artifact), each method's
-best layout on the search half and its test-half agreement.
+budget (the uniform W6, W5, W4 and W3 artifacts' and ``--budget-fraction`` of the W8 artifact), each method's
+best layout on the search half and its test-half agreement. Widths default to 2..8: at uniform W3's size
+only uniform W3 fits widths 3..8.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Bench(searchbench.Bench):
     secondary = searchbench.Metric("kl", "KL", "{:.4f}")
     axis = "top-1 agreement with FP32 (%)"
     fisher = "categorical"
-    budget_widths = (5, 4)
+    budget_widths = (6, 5, 4, 3)
 
     def __init__(self, widths: list[int], threads: int, eval_views: int | None):
         torch.set_num_threads(threads)
@@ -81,7 +83,7 @@ class Bench(searchbench.Bench):
 
 
 def main() -> None:
-    parser = searchbench.parser(__doc__, HERE / "real", budget_fraction=0.6)
+    parser = searchbench.parser(__doc__, HERE / "real", budget_fraction=0.6, widths=[2, 3, 4, 5, 6, 8])
     parser.add_argument("--eval-views", type=int, help="evaluation views kept (both halves; default all)")
     args = parser.parse_args()
     searchbench.check_arguments(parser, args, Bench.markers)

@@ -34,11 +34,14 @@ from qsweep.quant.knapsack import knapsack  # noqa: E402
 from qsweep.quant.mixed import WidthPlanner  # noqa: E402
 from qsweep.search.plots import pareto_front  # noqa: E402
 from qsweep.search.space import SearchSpace  # noqa: E402
-from qsweep.search.study import layer_names_of, make_sampler  # noqa: E402
+from qsweep.search.local_sampler import PARENT  # noqa: E402
+from qsweep.search.study import layer_names_of, local_sampler, make_sampler  # noqa: E402
 from qsweep.search.trials import LayoutModels  # noqa: E402
-from qsweep.search.warm import fisher_noise, knapsack_layout  # noqa: E402
+from qsweep.search.warm import cost_table, fisher_noise, knapsack_layout  # noqa: E402
 
-METHODS = ("uniform", "random", "hawq", "mixed", "qsweep")
+# qsweep: the study with search.sampler=local; qsweep-tpe: the same study and warm start with TPE
+# shipped: a reference ladder of another recipe (Bench.reference_ladder), where a bench has one
+METHODS = ("shipped", "uniform", "random", "hawq", "mixed", "qsweep", "qsweep-tpe")
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,9 @@ class Bench:
     markers = (real.MARK_START, real.MARK_END)  # where --readme writes the table
     budget_widths: tuple[int, ...]  # the table's budgets: these uniform layouts' sizes
 
-    def __init__(self, fp: nn.Module, calib: list[Any], widths: list[int], info: dict):
+    def __init__(self, fp: nn.Module, calib: list[Any], widths: list[int], info: dict, overrides: dict | None = None):
         self.fp, self.calib, self.info = fp, calib, info
-        self.recipe = shipped_recipe("w4a8")
+        self.recipe = OmegaConf.merge(shipped_recipe("w4a8"), overrides or {})  # overrides: e.g. quant.embeddings
         cfg = OmegaConf.create({"quant": self.recipe})
         search = OmegaConf.merge(OmegaConf.structured(SearchConfig), {"w_bits": widths, "group_by": "layer"})
         self.space = SearchSpace.build(layer_names_of(self.fp, cfg), search)
@@ -107,12 +110,19 @@ class Bench:
         return row
 
     def test(self, row: dict) -> None:
-        """Adds the test-half numbers to ``row`` (cached by layout)."""
+        """Adds the test-half numbers to ``row`` (cached by layout; a reference row carries its own)."""
+        if f"test_{self.primary.key}" in row:
+            return
         layout = {g: {"w": w} for g, w in row["layout"].items()}
         key = self.key(layout)
         if key not in self.tested:
             self.tested[key] = {f"test_{k}": v for k, v in self.measure(layout, "test").items()}
         row.update(self.tested[key])
+
+    def reference_ladder(self, widths: list[int]) -> list[dict]:
+        """Uniform layouts of another recipe (method ``shipped``) whose sizes are then the table's budgets, measured
+        on both halves; none by default (the budgets are this recipe's own uniform sizes)."""
+        return []
 
     def avg_bits(self, layout: dict) -> float:
         counts = self.models.param_counts
@@ -176,26 +186,44 @@ def mixed_knapsack(b: Bench, budgets: list[float]) -> tuple[list[dict], float]:
     return rows, seconds
 
 
-def qsweep_study(b: Bench, trials: int, budgets: list[float]) -> list[dict]:
-    """qsweep's search: its sampler and warm start (uniform ladder, then at each budget the knapsack layout of
-    ``quant.mixed``'s per-layer cost, ``search.warm_cost=fisher``: ``qsweep.search.warm``), maximizing the
-    search-half primary metric and minimizing size."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+@dataclass
+class WarmStart:
+    """What a qsweep study starts from: the uniform ladder, then at each budget the knapsack layout of
+    ``quant.mixed``'s per-layer cost (``search.warm_cost=fisher``: ``qsweep.search.warm``), and that cost."""
+
+    seeds: list[dict]
+    cost: dict[str, dict[int, float]]  # per (weight param, width): what search.sampler=local prefers moves by
+    seconds: float  # the Fisher information's
+
+
+def warm_start(b: Bench, budgets: list[float]) -> WarmStart:
+    start = time.perf_counter()
     cfg = OmegaConf.create({"quant": OmegaConf.merge(b.recipe, {"mixed": {"fisher": b.fisher}})})
     noise = fisher_noise(cfg, b.space, SimpleNamespace(model=b.fp, calib=b.calib))
+    seconds = time.perf_counter() - start
     seeds = [b.space.uniform(w) for w in sorted(b.space.w_choices, reverse=True)]
     seeds += [layout for budget in budgets
               if (layout := knapsack_layout(b.space, b.models, noise, int(budget * 1e6))) is not None]
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=make_sampler(OmegaConf.create({"sampler": "tpe", "seed": 0})))
-    for layout in seeds:
+    return WarmStart(seeds, cost_table(b.space, noise), seconds)
+
+
+def qsweep_study(b: Bench, trials: int, warm: WarmStart, sampler: str) -> list[dict]:
+    """qsweep's search from ``warm`` with ``search.sampler=<sampler>`` (seed 0), maximizing the search-half primary
+    metric and minimizing size; a local sampler's rows name the trial each is a neighbour of."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = OmegaConf.create({"sampler": sampler, "seed": 0})
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=(
+        local_sampler(s, b.space, b.models, None, warm.cost) if sampler == "local" else make_sampler(s)))
+    for layout in warm.seeds:
         study.enqueue_trial(b.space.params(layout))
-    rows = []
+    method, rows = "qsweep" if sampler == "local" else f"qsweep-{sampler}", []
 
     def objective(trial: optuna.Trial):
-        row = b.evaluate("qsweep", b.space.suggest(trial), f"trial {trial.number}")
-        rows.append(row)
-        return row[f"search_{b.primary.key}"], row["size_mb"]
+        layout = b.space.suggest(trial)
+        parent = study._storage.get_trial_system_attrs(trial._trial_id).get(PARENT)
+        note = f"trial {trial.number}" + (f" <- {parent}" if parent is not None else "")
+        rows.append(b.evaluate(method, layout, note))
+        return rows[-1][f"search_{b.primary.key}"], rows[-1]["size_mb"]
 
     study.optimize(objective, n_trials=trials)
     return rows
@@ -222,6 +250,8 @@ def table(rows: list[dict], budgets: dict[str, float], b: Bench) -> str:
     for label, budget in budgets.items():
         for method in METHODS:
             tried = sum(r["method"] == method for r in rows)
+            if method == "shipped" and not tried:
+                continue
             r = best_under(rows, method, budget, p)
             if r is None:
                 lines.append(f"| {label} | {method} | {tried} | none fits | | | | |")
@@ -239,9 +269,11 @@ def plot(rows: list[dict], path: Path, b: Bench) -> None:
 
     key = b.primary.key
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"uniform": "s-", "random": ".", "hawq": "^--", "mixed": "v-", "qsweep": "o-"}
+    styles = {"shipped": "D-", "uniform": "s-", "random": ".", "hawq": "^--", "mixed": "v-", "qsweep": "o-", "qsweep-tpe": "x:"}
     for method, front in fronts(rows, "test", b.primary).items():
         mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
         ax.plot([r["size_mb"] for r in mine], [r[f"search_{key}"] for r in mine], styles[method][0], alpha=0.2)
         ax.plot([r["size_mb"] for r in front], [r[f"test_{key}"] for r in front], styles[method], label=method)
     ax.set_xlabel("artifact MB")
@@ -254,11 +286,12 @@ def plot(rows: list[dict], path: Path, b: Bench) -> None:
     plt.close(fig)
 
 
-def parser(doc: str, out: Path, budget_fraction: float | None) -> argparse.ArgumentParser:
+def parser(doc: str, out: Path, budget_fraction: float | None,
+           widths: list[int] | None = None) -> argparse.ArgumentParser:
     """The options both benchmarks take; each adds how many evaluation inputs it keeps."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--trials", type=int, default=40, help="layouts per method (random, HAWQ budgets, study)")
-    p.add_argument("--widths", type=int, nargs="+", default=[3, 4, 5, 6, 8])
+    p.add_argument("--widths", type=int, nargs="+", default=widths or [3, 4, 5, 6, 8])
     p.add_argument("--budget-fraction", type=float, default=budget_fraction, help="of the uniform W8 artifact"
                    + ("" if budget_fraction else " (default: no such budget, the uniform layouts' sizes only)"))
     p.add_argument("--threads", type=int, default=2)
@@ -282,10 +315,13 @@ def run(b: Bench, args: argparse.Namespace, start: float) -> None:
     rows = uniform(b, args.widths)
     size = {r["note"]: r["size_mb"] for r in rows}
     lo, hi = size[f"W{min(args.widths)}"], size[f"W{max(args.widths)}"]
+    reference = b.reference_ladder(args.widths)
+    ladder, name = ({r["note"]: r["size_mb"] for r in reference}, "shipped") if reference else (size, "uniform")
+    rows += reference
     fraction = args.budget_fraction
     budgets = {f"{fraction:g} x W8 ({fraction * hi:.3f} MB)": fraction * hi} if fraction else {}
-    budgets.update({f"uniform W{w} ({size[f'W{w}']:.3f} MB)": size[f"W{w}"] for w in b.budget_widths
-                    if f"W{w}" in size})
+    budgets.update({f"{name} W{w} ({ladder[f'W{w}']:.3f} MB)": ladder[f"W{w}"] for w in b.budget_widths
+                    if f"W{w}" in ladder})
     n = max(2, args.trials - len(budgets))  # the named budgets count toward the knapsack's layouts
     spread = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
     rows += random_search(b, args.trials)
@@ -293,7 +329,14 @@ def run(b: Bench, args: argparse.Namespace, start: float) -> None:
     rows += hawq_rows
     mixed_rows, b.info["mixed_sensitivity_s"] = mixed_knapsack(b, sorted(set(spread) | set(budgets.values())))
     rows += mixed_rows
-    rows += qsweep_study(b, args.trials, sorted(budgets.values()))
+    # The study's warm start covers every table budget and, as search.greedy does, each inner ladder width's size.
+    inner = sorted(args.widths)[1:-1]
+    warm = warm_start(b, sorted(set(budgets.values()) | {size[f"W{w}"] for w in inner}))
+    b.info["warm_sensitivity_s"] = round(warm.seconds, 1)
+    for sampler in ("local", "tpe"):
+        start_study = time.perf_counter()
+        rows += qsweep_study(b, args.trials, warm, sampler)
+        b.info[f"study_{sampler}_s"] = round(time.perf_counter() - start_study, 1)
     # On the half no method saw: each method's front on the search half and its pick under each budget.
     picked = [r for front in fronts(rows, "search", b.primary).values() for r in front]
     picked += [best_under(rows, m, budget, b.primary) for m in METHODS for budget in budgets.values()]

@@ -36,7 +36,9 @@ from qsweep.search.space import FLOAT, SearchSpace
 from qsweep.search.storage import StorageError
 from qsweep.search.fidelity import QUALITIES, Quality, describe, quality_of
 from qsweep.search.front import FrontLog
+from qsweep.search.local_sampler import LocalSampler
 from qsweep.search.trials import LayoutModels, Tally, TrialImages, evaluate_in_steps
+from qsweep.search.warm import COST_ATTR, weight_param
 from qsweep.run_params import layout_hash
 from qsweep.tracking import NullRecorder, Recorder
 
@@ -263,6 +265,7 @@ SAMPLERS: dict[str, Callable[[int | None], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "local": lambda seed: LocalSampler(seed=seed),  # its byte and cost tables come with the worker: local_sampler
 }
 # Each takes the trial's value function and quality (see value_function, quality_of).
 PRUNERS: dict[str, Callable[[Callable[[float, float], float], Quality], optuna.pruners.BasePruner]] = {
@@ -274,6 +277,21 @@ PRUNERS: dict[str, Callable[[Callable[[float, float], float], Quality], optuna.p
 
 def make_sampler(s: DictConfig) -> optuna.samplers.BaseSampler:
     return SAMPLERS[s.sampler](s.seed)
+
+
+def local_sampler(s: DictConfig, space: SearchSpace, models: LayoutModels, budget_bytes: int | None,
+                  cost: dict[str, dict[int, float]] | None) -> LocalSampler:
+    """``search.sampler=local`` that knows each group's planned bytes at each width (so it proposes only layouts
+    that fit ``budget_bytes``, and exchanges that do not grow their parent) and the warm start's ``cost``."""
+    sizes = {weight_param(space, g): {w: models.choice_bytes(g, w) for w in space.w_choices} for g in space.groups}
+    return LocalSampler(seed=s.seed, choice_bytes=sizes, fixed_bytes=models.fixed_bytes, budget_bytes=budget_bytes,
+                        cost=cost)
+
+
+def stored_cost(study: optuna.Study) -> dict[str, dict[int, float]] | None:
+    """The warm start's cost per (weight param, width), as the study keeps it (None: no knapsack warm start)."""
+    cost = study.user_attrs.get(COST_ATTR)
+    return None if cost is None else {p: {int(w): c for w, c in by.items()} for p, by in cost.items()}
 
 
 def make_pruner(s: DictConfig, score_of: Callable[[float, float], float]) -> optuna.pruners.BasePruner:
@@ -337,6 +355,8 @@ def work(study: optuna.Study, worker: Worker, heartbeat: bool) -> None:
     being gone. A trial this worker is interrupted in is retried too.
     """
     s = worker.cfg.search
+    if s.sampler == "local":
+        study.sampler = local_sampler(s, worker.space, worker.models, worker.budget_bytes, stored_cost(study))
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
     failures = 0
     while deadline is None or time.monotonic() < deadline:

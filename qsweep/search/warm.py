@@ -28,6 +28,7 @@ from qsweep.search.trials import LayoutModels
 SENSITIVITY_IMAGES = 128
 KNAPSACK_UNITS = 20_000  # the knapsack's capacity in units: bytes / unit (rounding is checked against exact bytes)
 FIT_TRIES = 8  # knapsack solves per budget before giving up on fitting the exact bytes
+COST_ATTR = "qsweep_warm_cost"  # the study's user attr: the warm start's cost per (weight param, width)
 
 Layout = dict[str, dict[str, int]]
 
@@ -43,11 +44,26 @@ def layer_noise(rows: list[Mapping], ref_bits: int) -> Callable[[str, int], floa
     return noise
 
 
+def group_costs(space: SearchSpace, noise: Callable[[str, int], float]) -> dict[str, dict[int, float]]:
+    """Each group's summed per-layer cost at each width: what the knapsack minimizes."""
+    return {g: {w: sum(noise(n, w) for n in names) for w in space.w_choices} for g, names in space.groups.items()}
+
+
+def weight_param(space: SearchSpace, group: str) -> str:
+    """The Optuna param of ``group``'s weight width."""
+    return next(iter(space.params({group: {"w": 0}})))
+
+
+def cost_table(space: SearchSpace, noise: Callable[[str, int], float]) -> dict[str, dict[int, float]]:
+    """:func:`group_costs` by Optuna param (``search.sampler=local`` prefers the moves it calls nearly neutral)."""
+    return {weight_param(space, g): by_width for g, by_width in group_costs(space, noise).items()}
+
+
 def knapsack_layout(space: SearchSpace, models: LayoutModels, noise: Callable[[str, int], float],
                     budget_bytes: int) -> Layout | None:
     """The least-noise layout whose exact artifact size is at most ``budget_bytes`` (None: none fits)."""
-    options = {g: {w: (models.choice_bytes(g, w), sum(noise(n, w) for n in names)) for w in space.w_choices}
-               for g, names in space.groups.items()}
+    costs = group_costs(space, noise)
+    options = {g: {w: (models.choice_bytes(g, w), costs[g][w]) for w in space.w_choices} for g in space.groups}
     smallest = sum(min(size for size, _ in by_width.values()) for by_width in options.values())
     target, tried = budget_bytes - models.fixed_bytes, set()
     for _ in range(FIT_TRIES):
@@ -79,7 +95,12 @@ def warm_start(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models:
     note = f" (W{', W'.join(map(str, over))} over the size budget: not enqueued)" if over else ""
     print(f"warm start: {plural(len(seeds), 'uniform layout')}{note}", flush=True)
     if s.greedy:
-        seeds += _sensitivity_layouts(cfg, space, models, job, widths, budget_bytes)
+        noise = (fisher_noise(cfg, space, job) if s.warm_cost == "fisher"
+                 else layer_noise(_sensitivity_rows(cfg, job), cfg.analysis.w_bits))
+        # Kept with the study: a resumed or joining worker's local sampler reads it (study.local_sampler).
+        study.set_user_attr(COST_ATTR, {p: {str(w): c for w, c in by.items()}
+                                        for p, by in cost_table(space, noise).items()})
+        seeds += _sensitivity_layouts(cfg, space, models, noise, widths, budget_bytes)
     seen = set()
     for layout in seeds:
         params = space.params(layout)
@@ -89,8 +110,8 @@ def warm_start(cfg: DictConfig, study: optuna.Study, space: SearchSpace, models:
             study.enqueue_trial(params, user_attrs={"seed": "warm start"})
 
 
-def _sensitivity_layouts(cfg: DictConfig, space: SearchSpace, models: LayoutModels, job, widths: list[int],
-                         budget_bytes: int | None) -> list[Layout]:
+def _sensitivity_layouts(cfg: DictConfig, space: SearchSpace, models: LayoutModels, noise: Callable[[str, int], float],
+                         widths: list[int], budget_bytes: int | None) -> list[Layout]:
     """One knapsack layout per budget: ``search.greedy_budget_mb``, else each uniform layout's size between the
     narrowest and the widest width; none over the study's budget, which is one of them."""
     s = cfg.search
@@ -98,8 +119,6 @@ def _sensitivity_layouts(cfg: DictConfig, space: SearchSpace, models: LayoutMode
         models.layout_bytes(space.uniform(w)) for w in widths[1:-1]]
     if budget_bytes is not None:
         budgets = sorted({min(b, budget_bytes) for b in budgets} | {budget_bytes})
-    noise = (fisher_noise(cfg, space, job) if s.warm_cost == "fisher"
-             else layer_noise(_sensitivity_rows(cfg, job), cfg.analysis.w_bits))
     layouts = [layout for b in budgets if (layout := knapsack_layout(space, models, noise, b)) is not None]
     print(f"warm start: {plural(len(layouts), 'layout')} of least summed per-layer cost ({s.warm_cost}, exact knapsack) under "
           f"{', '.join(f'{b / 1e6:.6f}' for b in budgets)} MB", flush=True)
