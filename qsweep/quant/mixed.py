@@ -30,19 +30,22 @@ from qsweep.config import ConfigError, quant_recipe
 from qsweep.export import artifact_bytes
 from qsweep.quant.batches import call_model, to_device
 from qsweep.quant.calibrate import prepare
+from qsweep.quant.embedding import QuantEmbedding, quant_embeddings
 from qsweep.quant.knapsack import knapsack
 from qsweep.quant.modules import QuantLayer, quant_layers
 from qsweep.quant.packed import packed_bytes
-from qsweep.quant.plan import selects
+from qsweep.quant.plan import matches, selects
 from qsweep.quant.quantizer import QuantizedWeight, quantize_weight
 
 FIT_TRIES = 8  # knapsack solves per budget before settling for the narrowest layout
 FLOAT = 32  # the knapsack's key for a float weight (``null`` in quant.mixed.widths)
 
 
-def width_options(layer: QuantLayer, float_weight: torch.Tensor, widths: Sequence[int]) -> dict[int, QuantizedWeight]:
-    """``layer``'s weight rounded to nearest on the recipe's grid at each width."""
-    return {b: quantize_weight(float_weight, replace(layer.plan.weight, bits=b), layer.layer_name) for b in widths}
+def width_options(layer: QuantLayer | QuantEmbedding, float_weight: torch.Tensor, widths: Sequence[int]
+                  ) -> dict[int, QuantizedWeight]:
+    """``layer``'s weight (or table) rounded to nearest on the recipe's grid at each width."""
+    spec = layer.spec if isinstance(layer, QuantEmbedding) else layer.plan.weight
+    return {b: quantize_weight(float_weight, replace(spec, bits=b), layer.layer_name) for b in widths}
 
 
 def fisher_output(out: Any, fisher: str) -> torch.Tensor:
@@ -149,6 +152,9 @@ class WidthPlanner:
         names = list(quantized)
         self.layers = {n: m for n, m in quantized.items() if m.qweight is not None
                        and any(selects(p, n, m, names) for p in mixed.layers)}
+        self.layers.update({n: t for n, t in quant_embeddings(self.work).items()
+                            if any(matches(n, p) for p in mixed.layers)})
+        self.float_tables = {n: model.get_submodule(n) for n, t in self.layers.items() if isinstance(t, QuantEmbedding)}
         self.acts = {n: m.act for n, m in self.layers.items()}
         if not self.layers:
             raise ConfigError(f"quant.mixed.layers={list(mixed.layers)} selects no layer with quantized weights")
@@ -168,7 +174,11 @@ class WidthPlanner:
         """The artifact's bytes (``quant.mixed.kernels`` form) with the chosen layers at ``widths``."""
         for n, b in widths.items():
             layer = self.layers[n]
-            if b == FLOAT:
+            if n in self.float_tables:  # a table kept float is the float module itself
+                self.work.set_submodule(n, self.float_tables[n] if b == FLOAT else layer)
+                if b != FLOAT:
+                    layer.set_qweight(self.rounded[n][b])
+            elif b == FLOAT:
                 layer.qweight, layer.weight, layer.act = None, self.floats[n].clone(), None
             else:
                 layer.set_qweight(self.rounded[n][b])

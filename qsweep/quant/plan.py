@@ -150,11 +150,14 @@ def resolve_plan(model: nn.Module, recipe: DictConfig) -> dict[str, LayerPlan]:
     corrected = list(recipe.bias_correction.layers or [])
     matched = list(recipe.bias_correction.match_float or [])
     mixed = list(recipe.mixed.layers) if recipe.mixed.enabled else []
+    # quant.layers and quant.mixed.layers may name the tables quant.embeddings quantizes (their width).
+    tables = [n for n, m in modules.items() if isinstance(m, nn.Embedding)] if recipe.embeddings.bits is not None else []
     for key, patterns in (("quant.skip", skips), ("quant.layers", overrides),
                           ("quant.bias_correction.layers", corrected), ("quant.bias_correction.match_float", matched),
                           ("quant.mixed.layers", mixed)):
+        named = candidates + tables if key in ("quant.layers", "quant.mixed.layers") else candidates
         for pattern in patterns:
-            if pattern not in KINDS and not any(matches(n, pattern) for n in candidates):
+            if pattern not in KINDS and not any(matches(n, pattern) for n in named):
                 raise _unmatched(key, pattern, candidates, all_names)
 
     unreached = left_float(model)

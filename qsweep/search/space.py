@@ -54,16 +54,21 @@ def role_grouper(model: nn.Module) -> Callable[[str], str]:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Groups of layers that share one weight (and optionally activation) width per trial."""
+    """Groups of layers that share one weight (and optionally activation) width per trial.
+
+    Embedding tables the recipe quantizes (``quant.embeddings``) are searched like layers; having no input
+    to quantize, a group of tables alone takes no activation width.
+    """
 
     groups: dict[str, tuple[str, ...]]  # group name -> layer names, in model order
     w_choices: tuple[int, ...]  # FLOAT included where allowed
     a_choices: tuple[int, ...] | None  # None: activations keep the recipe's width
+    tables: frozenset[str] = frozenset()  # the searched layers that are embedding tables
 
     @classmethod
     def build(cls, layer_names: list[str], search: Any, model: nn.Module | None = None) -> "SearchSpace":
         """``layer_names``: the recipe's quantized-weight layers in model order; ``search``: the search config;
-        ``model``: the float model (``group_by=role`` asks its layers what they are)."""
+        ``model``: the float model (``group_by=role`` asks its layers what they are; it tells tables from layers)."""
         picked = [n for n in layer_names if any(matches(n, p) for p in search.layers)]
         if not picked:
             raise ConfigError(f"search.layers={list(search.layers)} matches none of the quantized layers; "
@@ -76,18 +81,23 @@ class SearchSpace:
             groups.setdefault(grouper(name), []).append(name)
         w = tuple(sorted(set(int(b) for b in search.w_bits))) + ((FLOAT,) if search.allow_float else ())
         a = tuple(sorted(set(int(b) for b in search.a_bits))) if search.a_bits else None
-        return cls({g: tuple(names) for g, names in groups.items()}, w, a)
+        tables = frozenset(n for n in picked if model is not None and isinstance(model.get_submodule(n), nn.Embedding))
+        return cls({g: tuple(names) for g, names in groups.items()}, w, a, tables)
 
     @property
     def layers(self) -> list[str]:
         return [n for names in self.groups.values() for n in names]
+
+    def has_act(self, group: str) -> bool:
+        """Whether ``group`` takes an activation width (it is searched and the group is not all tables)."""
+        return self.a_choices is not None and not self.tables.issuperset(self.groups[group])
 
     def suggest(self, trial: optuna.Trial) -> dict[str, dict[str, int]]:
         """Ask ``trial`` for one width per group; returns the layout ``{group: {"w": bits, "a": bits}}``."""
         layout = {}
         for group in self.groups:
             choice = {"w": trial.suggest_categorical(f"w:{group}", list(self.w_choices))}
-            if self.a_choices is not None and choice["w"] != FLOAT:
+            if self.has_act(group) and choice["w"] != FLOAT:
                 choice["a"] = trial.suggest_categorical(f"a:{group}", list(self.a_choices))
             layout[group] = choice
         return layout
@@ -118,17 +128,19 @@ class SearchSpace:
     def with_widths(self, w_bits: dict[str, int]) -> dict[str, dict[str, int]]:
         """The layout of one weight width per group, activations at the widest searched width (float: none)."""
         a = {"a": max(self.a_choices)} if self.a_choices is not None else {}
-        return {g: {"w": w, **(a if w != FLOAT else {})} for g, w in w_bits.items()}
+        return {g: {"w": w, **(a if w != FLOAT and self.has_act(g) else {})} for g, w in w_bits.items()}
 
     def per_layer(self, layout: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         """``{layer: {"w": bits, "a": bits}}`` from a group layout."""
         return {name: layout[g] for g, names in self.groups.items() for name in names}
 
     def overrides(self, layout: dict[str, dict[str, int]]) -> dict[str, dict[str, int | None]]:
-        """The layout as ``quant.layers`` overrides (float = ``w_bits: null, a_bits: null``)."""
+        """The layout as ``quant.layers`` overrides (float = ``w_bits: null, a_bits: null``; a table: its ``w_bits``)."""
         out: dict[str, dict[str, int | None]] = {}
         for name, choice in self.per_layer(layout).items():
-            if choice["w"] == FLOAT:
+            if name in self.tables:
+                out[name] = {"w_bits": None if choice["w"] == FLOAT else choice["w"]}
+            elif choice["w"] == FLOAT:
                 out[name] = {"w_bits": None, "a_bits": None}
             else:
                 out[name] = {"w_bits": choice["w"], **({"a_bits": choice["a"]} if "a" in choice else {})}
@@ -143,4 +155,5 @@ class SearchSpace:
     def describe(self) -> str:
         a = f", activation widths {list(self.a_choices)}" if self.a_choices else ""
         widths = ["float" if b == FLOAT else b for b in self.w_choices]
-        return f"{len(self.groups)} groups over {len(self.layers)} layers, weight widths {widths}{a}"
+        tables = f" ({len(self.tables)} of them embedding tables)" if self.tables else ""
+        return f"{len(self.groups)} groups over {len(self.layers)} layers{tables}, weight widths {widths}{a}"

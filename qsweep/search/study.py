@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from qsweep.config import compose_shipped, quant_recipe
 from qsweep.errors import QsweepError, interruption_taken
 from qsweep.files import atomic_write
+from qsweep.quant.embedding import embedding_widths
 from qsweep.quant.plan import resolve_plan
 from qsweep.score import compute_score
 from qsweep.search.retries import claim, claim_retry, enqueue_retry, fail_dead_trials
@@ -539,8 +540,12 @@ def score_function(cfg: DictConfig, fp_size_mb: float, fp_top1: float) -> Callab
 
 
 def layer_names_of(model, cfg: DictConfig) -> list[str]:
-    """The recipe's layers with quantized weights, in model order (the candidates for the search)."""
-    return [n for n, p in resolve_plan(model, quant_recipe(cfg.quant)).items() if p.weight is not None]
+    """The recipe's layers with quantized weights and the embedding tables it quantizes, in model order (the
+    candidates for the search)."""
+    recipe = quant_recipe(cfg.quant)
+    names = {n for n, p in resolve_plan(model, recipe).items() if p.weight is not None}
+    names |= {n for n, b in embedding_widths(model, recipe.embeddings, recipe.layers).items() if b is not None}
+    return [n for n, _ in model.named_modules() if n in names]
 
 
 

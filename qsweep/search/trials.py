@@ -98,22 +98,23 @@ class LayoutModels:
         # width's weight codes with another's activation quantizer (which quantizes x / s).
         reconstruct["smoothing"] = input_divisors(self.model) if recipe.smooth.enabled else None
         self.quant_modules = {n: self.model.get_submodule(n) for n in space.layers}
+        layers = [n for n in space.layers if n not in space.tables]  # tables have neither bias nor input quantizer
         self.weights = {(n, top_w): m.qweight for n, m in self.quant_modules.items()}
         # quant.bias_correction: a bias corrected for one width's weights goes with them.
-        self.biases = {(n, top_w): m.bias for n, m in self.quant_modules.items()}
+        self.biases = {(n, top_w): self.quant_modules[n].bias for n in layers}
         for w in widths:
             if w == top_w:
                 continue
             base = quantize(model, recipe_with(recipe, space.layers, w_bits=w, **a_override), weight_calib,
                             **reconstruct)
             self.weights.update({(n, w): base.get_submodule(n).qweight for n in space.layers})
-            self.biases.update({(n, w): base.get_submodule(n).bias for n in space.layers})
-        self.acts = {(n, a_default): m.act for n, m in self.quant_modules.items()}
+            self.biases.update({(n, w): base.get_submodule(n).bias for n in layers})
+        self.acts = {(n, a_default): self.quant_modules[n].act for n in layers}
         for a in space.a_choices or ():
             if a == a_default:
                 continue
             base = quantize(model, recipe_with(recipe, space.layers, w_bits=top_w, a_bits=a), calib, **reconstruct)
-            self.acts.update({(n, a): base.get_submodule(n).act for n in space.layers})
+            self.acts.update({(n, a): base.get_submodule(n).act for n in layers})
         self.floats: dict[str, nn.Module] = {}
         if FLOAT in space.w_choices:
             base = quantize(model, recipe_with(recipe, space.layers, w_bits=None, a_bits=None), weight_calib)
@@ -138,8 +139,9 @@ class LayoutModels:
                 self.model.set_submodule(name, module)
                 if module.qweight is not self.weights[(name, choice["w"])]:
                     module.set_qweight(self.weights[(name, choice["w"])])
-                    module.bias = self.biases[(name, choice["w"])]
-                if "a" in choice:
+                    if name not in self.space.tables:
+                        module.bias = self.biases[(name, choice["w"])]
+                if "a" in choice and name not in self.space.tables:
                     module.act = self.acts[(name, choice["a"])]
             self._current[name] = dict(choice)
         return self.model
