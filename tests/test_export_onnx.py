@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,18 @@ from qsweep.quant.modules import QuantConv2d, quant_layers  # noqa: E402
 
 ROUNDOFF = 1e-5  # of the largest logit
 TP = onnx.TensorProto
+
+
+def ort_int8_kernels_saturate() -> bool:
+    """ONNX Runtime's fused uint8 x int8 kernels on an x86 CPU without VNNI add pairs of products in int16
+    (VPMADDUBSW), which saturates at 8-bit weights: its optimized graph then leaves the fake-quant model by more
+    than one output step (documented by ORT; measured here on an AVX2-only AMD EPYC: 2x the step at W8, exact at
+    W4). Its unoptimized graph is checked on every machine."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
 def recipe(w_bits: int, **extra) -> dict:
@@ -98,7 +111,7 @@ def test_onnx_runtime_computes_the_fake_quant_model(tmp_path, build, extra, w_bi
     with torch.no_grad():
         fake = qmodel(x)
     head = quant_layers(qmodel)["head" if build is tiny_vit else "7"]
-    for optimize in (True, False):
+    for optimize in (True, False) if w_bits < 8 or not ort_int8_kernels_saturate() else (False,):
         y = OrtModel(path, optimize=optimize)(x)
         assert_within_one_step(y, fake, head)
     if build is conv_net:  # ops as written: codes as qsweep's, float roundoff alone
